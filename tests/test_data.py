@@ -244,27 +244,33 @@ def test_lfw_corrupt_jpeg_fails_on_access(tmp_path: Path) -> None:
 
 def test_samples_load_without_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("GRADLEAK_DATA", str(tmp_path / "nothing-here"))
-    cifar = load_dataset("sample")
-    assert (cifar.name, len(cifar), cifar.shape, cifar.num_classes) == (
+    mnist = load_dataset("sample")
+    assert (mnist.name, len(mnist), mnist.shape, mnist.num_classes) == (
         "sample",
         8,
-        (3, 32, 32),
-        100,
+        (1, 28, 28),
+        10,
     )
-    assert cifar.labels[:3].tolist() == [49, 33, 72] and cifar.class_names[49] == "mountain"
+    assert mnist.labels.tolist() == [2, 0, 9, 7, 1, 4, 1, 4]
+    assert load_dataset("sample-mnist").labels.tolist() == mnist.labels.tolist()  # alias
+    cifar = load_dataset("sample-cifar100")
+    assert (len(cifar), cifar.shape, cifar.num_classes) == (8, (3, 32, 32), 100)
+    assert cifar.labels[:3].tolist() == [0, 43, 70] and cifar.class_names[0] == "apple"
     assert len(list(cifar)) == 8
-    mnist = load_dataset("sample-mnist")
-    assert (len(mnist), mnist.shape, mnist.num_classes) == (8, (1, 28, 28), 10)
-    assert mnist.labels[:5].tolist() == [7, 2, 1, 0, 4]
 
 
 def test_samples_match_real_data(data_root: Path) -> None:
+    # The samples are real test images, picked by index (tools/make_samples.py says which).
     real = load_dataset("cifar100", data_dir=data_root)
-    sample = load_dataset("sample")
-    for i in range(8):
-        assert torch.equal(sample[i][0], real[i][0]) and sample.label(i) == real.label(i)
+    sample = load_dataset("sample-cifar100")
+    for i, source in enumerate((9, 15, 18, 19, 12, 14, 16, 2)):
+        assert torch.equal(sample[i][0], real[source][0]) and sample.label(i) == real.label(source)
     mnist = load_dataset("mnist", data_dir=data_root)
-    assert torch.equal(load_dataset("sample-mnist")[7][0], mnist[7][0])
+    digits = load_dataset("sample")
+    for i, source in enumerate((1, 3, 7, 0, 2, 4, 5, 6)):
+        assert torch.equal(digits[i][0], mnist[source][0]) and digits.label(i) == mnist.label(
+            source
+        )
 
 
 def test_load_image(tmp_path: Path) -> None:
@@ -298,11 +304,13 @@ def test_load_image_errors(tmp_path: Path) -> None:
 
 
 def test_names_and_options() -> None:
-    assert DATASETS == ("sample", "sample-mnist", "mnist", "cifar100", "cifar10", "lfw", "svhn")
+    assert DATASETS == ("sample", "sample-cifar100", "mnist", "cifar100", "cifar10", "lfw", "svhn")
     msg = one_line_error(ConfigError, lambda: load_dataset("foo"), "unknown dataset 'foo'")
-    assert "sample, sample-mnist, mnist, cifar100, cifar10, lfw, svhn" in msg
+    assert "sample, sample-cifar100, mnist, cifar100, cifar10, lfw, svhn" in msg
     one_line_error(ConfigError, lambda: load_dataset("sample", split="val"), "'val'")
-    one_line_error(ConfigError, lambda: load_dataset("sample", num_classes=10), "100 classes")
+    one_line_error(
+        ConfigError, lambda: load_dataset("sample-cifar100", num_classes=10), "100 classes"
+    )
 
 
 def test_index_out_of_range(data_root: Path) -> None:

@@ -20,7 +20,9 @@ from gradleak.types import Observation
 GradientTransform = Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]
 
 
-def client_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def client_gradients(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     """Gradient of the mean cross-entropy of `model` on the batch ``(x, y)``."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     loss = F.cross_entropy(model(x), y)

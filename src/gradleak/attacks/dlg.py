@@ -13,6 +13,7 @@ and fresh random restarts when the loss goes non-finite or stalls.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable
@@ -41,10 +42,18 @@ class AttackConfig:
         check_every: Check the tolerance every this many steps (iDLG: 10).
             Improved mode checks after every step.
         snapshot_every: Keep the dummy input every this many steps.
-        improved: Strong-Wolfe line search, per-step checks, restarts.
+        improved: Strong-Wolfe line search, per-step checks, float64
+            arithmetic, restarts.
         max_restarts: Improved mode: at most this many fresh starts.
-        patience: Improved mode: restart when the loss has not fallen by 10%
-            over this many steps while above the tolerance.
+        patience: Improved mode: a run has stalled when its loss has not
+            fallen by 10% over this many steps.
+        restart_above: Improved mode: a stalled run restarts when its loss is
+            above this share of the shared gradient's squared norm (a bad
+            basin); below it the run is at its precision floor and stops.
+        precision: "float32", "float64", or "auto" (float64 when improved).
+            The attacker is free to compute in higher precision than the
+            client did; it makes L-BFGS's curvature pairs reliable at small
+            losses.
     """
 
     iterations: int = 300
@@ -57,6 +66,8 @@ class AttackConfig:
     improved: bool = False
     max_restarts: int = 4
     patience: int = 40
+    restart_above: float = 1e-8
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.iterations <= 0:
@@ -65,6 +76,15 @@ class AttackConfig:
             raise ConfigError("lr, history_size and max_iter must be positive")
         if self.check_every <= 0 or self.snapshot_every <= 0:
             raise ConfigError("check_every and snapshot_every must be positive")
+        if self.precision not in ("auto", "float32", "float64"):
+            raise ConfigError(f"precision must be auto, float32 or float64, not {self.precision!r}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point type the attack computes in."""
+        if self.precision == "float64" or (self.precision == "auto" and self.improved):
+            return torch.float64
+        return torch.float32
 
 
 class GradientInversion:
@@ -140,7 +160,9 @@ class IDLG(GradientInversion):
 ATTACKS: dict[str, type[GradientInversion]] = {"dlg": DLG, "idlg": IDLG}
 
 
-def build_attack(name: str, config: AttackConfig | None = None, **overrides: object) -> GradientInversion:
+def build_attack(
+    name: str, config: AttackConfig | None = None, **overrides: object
+) -> GradientInversion:
     """Build an attack by name ("dlg" or "idlg")."""
     if name not in ATTACKS:
         raise ConfigError(f"unknown method '{name}': choose one of {', '.join(ATTACKS)}")
@@ -155,9 +177,13 @@ def _optimise(
     callback: StepCallback | None,
 ) -> Reconstruction:
     """The sequential reference engine: one victim, torch.optim.LBFGS."""
+    dtype = config.dtype
     model = observation.model
+    if dtype != next(model.parameters()).dtype:
+        model = copy.deepcopy(model).to(dtype)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    shared = [g.detach() for g in observation.gradients]
+    shared = [g.detach().to(dtype) for g in observation.gradients]
+    floor = config.restart_above * float(sum((g**2).sum() for g in shared))
     shape = (observation.batch_size, *observation.input_shape)
     device = observation.device
     state = _Run()
@@ -165,13 +191,15 @@ def _optimise(
 
     while True:
         # Draw on the CPU so that a seed means the same start on every device.
-        x = torch.randn(shape, generator=generator).to(device).requires_grad_(True)
+        x = torch.randn(shape, generator=generator).to(device, dtype).requires_grad_(True)
         label_logits = None
         variables = [x]
         if labels is None:
-            label_logits = torch.randn(
-                (observation.batch_size, observation.num_classes), generator=generator
-            ).to(device).requires_grad_(True)
+            label_logits = (
+                torch.randn((observation.batch_size, observation.num_classes), generator=generator)
+                .to(device, dtype)
+                .requires_grad_(True)
+            )
             variables.append(label_logits)
         optimiser = torch.optim.LBFGS(
             variables,
@@ -181,18 +209,9 @@ def _optimise(
             line_search_fn="strong_wolfe" if config.improved else None,
         )
 
-        def closure() -> torch.Tensor:
-            state.evaluations += 1
-            loss = matching_loss(
-                model, parameters, shared, x, labels=labels, label_logits=label_logits
-            )
-            grads = torch.autograd.grad(loss, variables)
-            for v, g in zip(variables, grads, strict=True):
-                v.grad = g
-            return loss.detach()
-
+        closure = _closure(model, parameters, shared, variables, labels, state)
         outcome, loss, point = _run_steps(
-            optimiser, closure, variables, config, state, callback
+            optimiser, closure, variables, config, state, callback, floor
         )
         x_final, logits_final = point[0], point[1] if labels is None else None
         run_labels = labels if labels is not None else logits_final.argmax(dim=-1)
@@ -211,7 +230,7 @@ def _optimise(
 
     loss, x_best, labels_best, snapshots = best
     return Reconstruction(
-        inputs=x_best.detach(),
+        inputs=x_best.detach().to(observation.gradients[0].dtype),
         labels=labels_best.detach().reshape(-1),
         loss_history=tuple(state.history),
         snapshots=snapshots,
@@ -240,10 +259,13 @@ def _run_steps(
     config: AttackConfig,
     state: _Run,
     callback: StepCallback | None,
+    floor: float,
 ) -> tuple[str, float, list[torch.Tensor]]:
     """Step until converged, diverged, stalled or out of budget.
 
-    Returns the outcome, the matching loss at the returned point and the point.
+    Returns the outcome ("converged", "diverged", "stalled" in a bad basin,
+    "floor" when stalled at a tiny loss, or "budget"), the matching loss at
+    the returned point and the point.
     ``optimiser.step`` returns the loss at the point it started from, so the
     point is copied before each step: when that loss is below the tolerance,
     that is the point we return.
@@ -276,7 +298,7 @@ def _run_steps(
                 since_progress += 1
                 if since_progress >= config.patience:
                     state.snapshots = tuple(snapshots)
-                    return "stalled", loss, before
+                    return ("stalled" if loss > floor else "floor"), loss, before
     # Out of budget: the last step moved the point without evaluating it there.
     final = float(closure())
     state.history.append(final)
@@ -287,6 +309,32 @@ def _run_steps(
     if not math.isfinite(final):
         outcome = "diverged"
     return outcome, final, [v.detach().clone() for v in variables]
+
+
+def _closure(
+    model: torch.nn.Module,
+    parameters: list[torch.Tensor],
+    shared: list[torch.Tensor],
+    variables: list[torch.Tensor],
+    labels: torch.Tensor | None,
+    state: _Run,
+) -> Callable[[], torch.Tensor]:
+    """The L-BFGS closure: matching loss, with its gradient left in ``.grad``.
+
+    ``variables`` is ``[inputs]`` with known labels, ``[inputs, label_logits]``
+    without.  Gradients go to the dummies only, never into the model.
+    """
+    x = variables[0]
+    label_logits = variables[1] if labels is None else None
+
+    def closure() -> torch.Tensor:
+        state.evaluations += 1
+        loss = matching_loss(model, parameters, shared, x, labels=labels, label_logits=label_logits)
+        for v, g in zip(variables, torch.autograd.grad(loss, variables), strict=True):
+            v.grad = g
+        return loss.detach()
+
+    return closure
 
 
 def _better(loss: float, than: float) -> bool:

@@ -21,9 +21,7 @@ def soft_label_cross_entropy(logits: torch.Tensor, label_logits: torch.Tensor) -
     return torch.mean(torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1))
 
 
-def squared_distance(
-    dummy: Sequence[torch.Tensor], shared: Sequence[torch.Tensor]
-) -> torch.Tensor:
+def squared_distance(dummy: Sequence[torch.Tensor], shared: Sequence[torch.Tensor]) -> torch.Tensor:
     """Squared L2 distance summed over all parameter tensors (DLG's objective)."""
     return sum(((d - s) ** 2).sum() for d, s in zip(dummy, shared, strict=True))  # type: ignore[return-value]
 

@@ -35,7 +35,7 @@ __all__ = [
 
 DATASETS: tuple[str, ...] = (
     "sample",
-    "sample-mnist",
+    "sample-cifar100",
     "mnist",
     "cifar100",
     "cifar10",
@@ -46,7 +46,12 @@ SPLITS = ("test", "train")
 
 # Classes of the datasets whose label set is fixed (LFW's depends on num_classes).
 _FIXED_CLASSES = {"mnist": 10, "cifar100": 100, "cifar10": 10, "svhn": 10}
-_ALIASES = {"cifar-100": "cifar100", "cifar-10": "cifar10", "mnist-sample": "sample-mnist"}
+_ALIASES = {
+    "cifar-100": "cifar100",
+    "cifar-10": "cifar10",
+    "sample-mnist": "sample",
+    "mnist-sample": "sample",
+}
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 IMAGE_SHAPE = (3, 32, 32)
 

@@ -1,7 +1,7 @@
 """The small sample sets shipped inside the package (no data folder needed).
 
 ``samples/cifar100.npz`` and ``samples/mnist.npz`` are written by
-``tools/make_samples.py`` from the first test images of the real datasets.
+``tools/make_samples.py`` from real test images (see there which, and why).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 # name -> (file in samples/, number of classes of the source dataset)
 SAMPLES: dict[str, tuple[str, int]] = {
-    "sample": ("cifar100.npz", 100),
-    "sample-mnist": ("mnist.npz", 10),
+    "sample": ("mnist.npz", 10),
+    "sample-cifar100": ("cifar100.npz", 100),
 }
 
 
@@ -41,7 +41,7 @@ def _read_npz(filename: str) -> dict[str, np.ndarray]:
 
 
 def load_sample(name: str, *, num_classes: int | None = None) -> ImageDataset:
-    """Load a built-in sample set (``"sample"`` or ``"sample-mnist"``).
+    """Load a built-in sample set (``"sample"`` MNIST digits or ``"sample-cifar100"``).
 
     Args:
         name: A key of :data:`SAMPLES`.

@@ -50,7 +50,10 @@ class LeNet(nn.Module):
 
 @torch.no_grad()
 def uniform_init_(
-    model: nn.Module, *, low: float = -0.5, high: float = 0.5,
+    model: nn.Module,
+    *,
+    low: float = -0.5,
+    high: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> nn.Module:
     """Draw every parameter of `model` uniformly from [low, high], in place."""

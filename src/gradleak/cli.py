@@ -1,0 +1,194 @@
+"""The `gradleak` command: parses, calls an experiment, prints.
+
+Every user error ends the same way: one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from gradleak import __version__
+from gradleak.errors import GradleakError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line (no usage block) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see '{self.prog} --help')")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"gradleak: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="gradleak",
+        description="What does the gradient you share in federated learning give away?",
+    )
+    parser.add_argument("--version", action="version", version=f"gradleak {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    attack = commands.add_parser(
+        "attack",
+        help="rebuild a private image and its label from the gradient it produces",
+        description="Simulate one client step on a private image and attack the shared "
+        "gradient with DLG or iDLG. Writes OUT/metrics.json and OUT/reconstruction.png.",
+    )
+    attack.add_argument("--method", default="idlg", help="idlg (default) or dlg")
+    attack.add_argument(
+        "--dataset",
+        default="sample",
+        help="sample (built-in MNIST digits, default), sample-cifar100, mnist, cifar100, "
+        "cifar10, lfw, svhn, or a path to an image file",
+    )
+    attack.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
+    attack.add_argument("--index", type=_non_negative_int, default=0, help="which image (0)")
+    attack.add_argument("--model", default="lenet", help="lenet (default), resnet20, resnet56")
+    attack.add_argument("--iterations", type=_positive_int, default=300, help="L-BFGS steps (300)")
+    attack.add_argument("--seed", type=int, default=0, help="seed of model and dummy init (0)")
+    attack.add_argument(
+        "--improved",
+        action="store_true",
+        help="strong-Wolfe line search, per-step convergence check, restarts",
+    )
+    attack.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    attack.add_argument("--out", default="runs/attack", help="output folder (runs/attack)")
+    attack.add_argument(
+        "--num-classes", type=_positive_int, default=None, help="label space (LFW: 5749)"
+    )
+    attack.set_defaults(handler=_cmd_attack)
+    return parser
+
+
+def _cmd_attack(args: argparse.Namespace, console: Console) -> None:
+    from gradleak.experiments.attack import AttackRun, run_attack
+
+    run = AttackRun(
+        method=args.method,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        index=args.index,
+        model=args.model,
+        iterations=args.iterations,
+        seed=args.seed,
+        improved=args.improved,
+        device=args.device,
+        out=args.out,
+        num_classes=args.num_classes,
+    )
+    with _progress(console) as progress:
+        task = progress.add_task(f"{run.method} attack", total=run.iterations, loss="")
+
+        def on_step(step: int, loss: float) -> None:
+            progress.update(task, completed=min(step + 1, run.iterations), loss=f"{loss:.2e}")
+
+        row = run_attack(run, callback=on_step)
+        progress.update(task, completed=run.iterations)
+    console.print(_summary_table(row))
+    console.print(f"wrote {run.out}/metrics.json and {run.out}/reconstruction.png")
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _summary_table(row: dict) -> Table:
+    table = Table(title="gradleak attack", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+
+    def fmt(value: object, spec: str) -> str:
+        return "diverged" if value is None else format(value, spec)
+
+    true = f"{row['true_label']}" + (f" ({row['true_class']})" if row["true_class"] else "")
+    pred = f"{row['predicted_label']}" + (
+        f" ({row['predicted_class']})" if row["predicted_class"] else ""
+    )
+    table.add_row("method", f"{row['method']}{' (improved)' if row['improved'] else ''}")
+    table.add_row("victim", f"{row['dataset']}[{row['index']}] on {row['model']}")
+    table.add_row("true label", true)
+    table.add_row("recovered label", f"{pred}  {'correct' if row['label_correct'] else 'WRONG'}")
+    table.add_row("MSE", fmt(row["mse"], ".3e"))
+    table.add_row("PSNR (dB)", fmt(row["psnr"], ".1f"))
+    table.add_row("SSIM", fmt(row["ssim"], ".3f"))
+    table.add_row("matching loss", fmt(row["matching_loss"], ".2e"))
+    table.add_row("steps / evaluations", f"{row['iterations']} / {row['evaluations']}")
+    table.add_row("restarts", str(row["restarts"]))
+    table.add_row("time", f"{row['seconds']:.1f} s on {row['device']}")
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    console = Console(stderr=False)
+    try:
+        args.handler(args, console)
+    except GradleakError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        print("gradleak: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

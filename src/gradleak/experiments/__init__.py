@@ -1,0 +1,1 @@
+"""Experiments: thin glue from a config to the library and to files on disk."""

@@ -1,0 +1,105 @@
+"""`gradleak attack` end to end in a subprocess, and its answers to bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REQUIRED_KEYS = {
+    "method", "dataset", "index", "true_label", "predicted_label", "label_correct",
+    "mse", "psnr", "ssim", "iterations", "evaluations", "seconds",
+}  # fmt: skip
+
+
+def gradleak(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "GRADLEAK_NO_DOWNLOAD": "1", "GRADLEAK_DATA": str(tmp_path / "nodata")}
+    return subprocess.run(
+        [sys.executable, "-m", "gradleak.cli", *args],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["idlg", "dlg"])
+def test_attack_end_to_end(tmp_path: Path, method: str) -> None:
+    out = tmp_path / "run"
+    done = gradleak("attack", "--method", method, "--out", str(out), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "recovered label" in done.stdout and "correct" in done.stdout
+    row = json.loads((out / "metrics.json").read_text())
+    assert row.keys() >= REQUIRED_KEYS
+    assert row["method"] == method and row["dataset"] == "sample" and row["index"] == 0
+    assert row["label_correct"] and row["predicted_label"] == row["true_label"] == 2
+    assert row["mse"] < 1e-3 and row["ssim"] > 0.99
+    png = (out / "reconstruction.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5_000
+
+
+def test_same_seed_same_numbers(tmp_path: Path) -> None:
+    rows = []
+    for name in ("a", "b"):
+        args = ("attack", "--dataset", "sample-cifar100", "--iterations", "3", "--seed", "7")
+        done = gradleak(*args, "--out", str(tmp_path / name), tmp_path=tmp_path)
+        assert done.returncode == 0, done.stderr
+        rows.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    for key in ("mse", "psnr", "ssim", "predicted_label", "evaluations", "matching_loss"):
+        assert rows[0][key] == rows[1][key]
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "t10k-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 40)
+    )
+    (corrupt / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    (zero / "t10k-images-idx3-ubyte").write_bytes(b"")
+    (zero / "t10k-labels-idx1-ubyte").write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image\n")
+    return {
+        "unknown dataset": (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        "unknown model": (["--model", "vgg16"], "unknown model 'vgg16'"),
+        "unknown method": (["--method", "gradinv"], "unknown method 'gradinv'"),
+        "unknown device": (["--device", "tpu"], "unknown device 'tpu'"),
+        "index out of range": (["--index", "8"], "index 8 is out of range"),
+        "negative index": (["--index", "-1"], "--index"),
+        "missing data dir": (
+            ["--dataset", "mnist", "--data-dir", str(tmp_path / "absent")],
+            "not found",
+        ),
+        "empty data dir": (["--dataset", "cifar100", "--data-dir", str(empty)], "not found"),
+        "corrupt data files": (["--dataset", "mnist", "--data-dir", str(corrupt)], "corrupt"),
+        "empty data files": (["--dataset", "mnist", "--data-dir", str(zero)], "t10k-"),
+        "not an image": (["--dataset", str(text)], "notes.png"),
+        "missing image": (["--dataset", str(tmp_path / "nope.jpg")], "nope.jpg"),
+        "zero iterations": (["--iterations", "0"], "--iterations"),
+        "negative iterations": (["--iterations", "-5"], "--iterations"),
+        "unknown option": (["--frobnicate"], "--frobnicate"),
+    }
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    failures = []
+    for case, (args, expected) in _bad_inputs(tmp_path).items():
+        done = gradleak("attack", *args, "--out", str(tmp_path / "out"), tmp_path=tmp_path)
+        lines = done.stderr.strip().splitlines()
+        ok = (
+            done.returncode == 2
+            and len(lines) == 1
+            and lines[0].startswith("gradleak: error: ")
+            and expected in lines[0]
+            and "Traceback" not in done.stderr
+        )
+        if not ok:
+            failures.append(f"{case}: rc={done.returncode} stderr={done.stderr!r}")
+    assert not failures, "\n".join(failures)
