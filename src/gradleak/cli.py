@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -16,6 +17,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -98,7 +100,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-classes", type=_positive_int, default=None, help="label space (LFW: 5749)"
     )
     attack.set_defaults(handler=_cmd_attack)
+    _add_reproduce(commands)
     return parser
+
+
+def _add_reproduce(commands: argparse._SubParsersAction) -> None:
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="rerun a paper's experiments: iDLG's Table 1 and Figure 1",
+        description="Rerun the iDLG paper's protocol (a fresh LeNet and a random image per "
+        "experiment, DLG and iDLG on the same gradient) and write OUT/results.jsonl, "
+        "summary.json, fidelity.png, strip.png and report.md. Rerunning the same command "
+        "on the same OUT resumes where it stopped.",
+    )
+    reproduce.add_argument("paper", help="the paper to reproduce: idlg")
+    which = reproduce.add_mutually_exclusive_group(required=True)
+    which.add_argument("--dataset", help="mnist, cifar100 or lfw")
+    which.add_argument(
+        "--all-datasets", action="store_true", help="all three, each into OUT/<dataset>/"
+    )
+    reproduce.add_argument("--data-dir", default=None, help="folder holding the datasets' files")
+    reproduce.add_argument(
+        "--experiments", type=_positive_int, default=1000, help="experiments per dataset (1000)"
+    )
+    reproduce.add_argument("--mode", default="faithful", help="faithful (default) or improved")
+    reproduce.add_argument("--engine", default="batched", help="batched (default) or sequential")
+    reproduce.add_argument("--seed", type=_non_negative_int, default=0, help="run seed (0)")
+    reproduce.add_argument(
+        "--out", default="runs/reproduce-idlg", help="output folder (runs/reproduce-idlg)"
+    )
+    reproduce.add_argument(
+        "--chunk", type=_positive_int, default=64, help="victims attacked at once (64)"
+    )
+    reproduce.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    reproduce.set_defaults(handler=_cmd_reproduce)
 
 
 def _cmd_attack(args: argparse.Namespace, console: Console) -> None:
@@ -127,6 +162,77 @@ def _cmd_attack(args: argparse.Namespace, console: Console) -> None:
         progress.update(task, completed=run.iterations)
     console.print(_summary_table(row))
     console.print(f"wrote {run.out}/metrics.json and {run.out}/reconstruction.png")
+
+
+def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
+    from gradleak.experiments.reproduce import DATASETS, ReproduceRun, run_reproduce
+
+    run = ReproduceRun(
+        paper=args.paper,
+        datasets=DATASETS if args.all_datasets else (args.dataset,),
+        nested=args.all_datasets,
+        data_dir=args.data_dir,
+        experiments=args.experiments,
+        mode=args.mode,
+        engine=args.engine,
+        seed=args.seed,
+        out=args.out,
+        chunk=args.chunk,
+        device=args.device,
+        command=shlex.join(["gradleak", *args.argv]),
+    )
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("experiments"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def on_progress(dataset: str, done: float, total: int) -> None:
+        if dataset not in tasks:
+            tasks[dataset] = progress.add_task(f"{run.paper} {dataset}", total=total)
+        progress.update(tasks[dataset], completed=done)
+
+    with progress:
+        summaries = run_reproduce(run, callback=on_progress)
+    console.print(_reproduce_table(summaries))
+    console.print(
+        f"wrote {run.out}/"
+        + (
+            "report.md"
+            if run.nested
+            else "results.jsonl, summary.json, fidelity.png, strip.png and report.md"
+        )
+    )
+
+
+def _reproduce_table(summaries: list[dict]) -> Table:
+    from gradleak.experiments.paper import LABEL_ACCURACY
+
+    table = Table(title="label accuracy and fidelity (ours; paper in brackets)")
+    for column in ("dataset", "method", "N", "label accuracy", "MSE < 1e-3", "diverged"):
+        table.add_column(column)
+
+    def pct(share: float | None) -> str:
+        return "n/a" if share is None else f"{100 * share:.1f}%"
+
+    for summary in summaries:
+        for method, stats in summary["methods"].items():
+            paper = LABEL_ACCURACY[summary["dataset"]][method]
+            table.add_row(
+                summary["dataset"],
+                method,
+                str(stats["experiments"]),
+                f"{pct(stats['label_accuracy'])} ({pct(paper)})",
+                pct(stats["fidelity"]["0.001"]),
+                str(stats["diverged"]),
+            )
+    return table
 
 
 def _progress(console: Console) -> Progress:
@@ -172,6 +278,7 @@ def _summary_table(row: dict) -> Table:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # quoted in reports
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -1,0 +1,250 @@
+"""The batched engine: attack many independent victims as one computation.
+
+`attack_batch` runs an attack's algorithm on V victims at once: one vmapped
+evaluation gives every victim's matching loss and gradient (objective.py),
+and a batched L-BFGS keeps each victim's own memory, step and stopping state
+(lbfgs.py).  Victims that finish leave the work, so the batch shrinks.
+
+Faithful mode follows the sequential engine (`GradientInversion.__call__`,
+torch.optim.LBFGS) step for step; tests compare the two.  Improved mode uses
+`RobustLBFGS` (L-BFGS with a backtracking line search) rather than torch's
+strong-Wolfe search, which does not vectorise: same goal (no step may raise
+the loss), float64, checks after every iteration, restarts from a fresh
+random start when a run diverges or stalls in a bad basin.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gradleak.attacks.dlg import GradientInversion
+from gradleak.attacks.lbfgs import FaithfulLBFGS, RobustLBFGS
+from gradleak.attacks.objective import BatchedObjective
+from gradleak.types import Observation, Reconstruction, Snapshot
+
+
+@dataclass
+class _Victim:
+    """Everything about one victim that is not a row of a batched tensor."""
+
+    generator: torch.Generator
+    keep_frames: bool
+    history: list[float] = field(default_factory=list)
+    snapshots: list[Snapshot] = field(default_factory=list)
+    evaluations: int = 0
+    restarts: int = 0
+    best: tuple[float, torch.Tensor] | None = None
+    result: Reconstruction | None = None
+
+
+def attack_batch(
+    attack: GradientInversion,
+    observations: Sequence[Observation],
+    seeds: Sequence[int],
+    *,
+    snapshots: Sequence[bool] | None = None,
+    callback: Callable[[int], None] | None = None,
+) -> list[Reconstruction]:
+    """Attack many single-example observations at once.
+
+    Args:
+        attack: A configured DLG or IDLG; its config decides the algorithm.
+        observations: One per victim, same architecture (weights differ).
+        seeds: The dummy-init seed of each victim (as `attack(obs, seed=...)`).
+        snapshots: Per victim, whether to keep its snapshot frames.
+        callback: Called with the number of victims finished so far.
+
+    Returns:
+        One reconstruction per victim, in input order.
+    """
+    if len(observations) != len(seeds):
+        raise ValueError("one seed per observation")
+    if not observations:
+        return []
+    config = attack.config
+    labels = None
+    if not attack.learns_labels:
+        labels = torch.cat([attack.infer_labels(o).reshape(1) for o in observations])
+    objective = BatchedObjective(observations, labels, config.dtype)
+    victims = [
+        _Victim(torch.Generator().manual_seed(int(s)), bool(snapshots and snapshots[i]))
+        for i, s in enumerate(seeds)
+    ]
+    z0 = torch.stack([_draw(objective, v.generator) for v in victims]).to(
+        objective.device, config.dtype
+    )
+    run = _improved if config.improved else _faithful
+    run(attack, objective, victims, z0, labels, callback)
+    return [v.result for v in victims]  # type: ignore[misc]
+
+
+def _draw(objective: BatchedObjective, generator: torch.Generator) -> torch.Tensor:
+    # The same draws, in the same order, as the sequential engine: inputs, then logits.
+    parts = [torch.randn((1, *objective.input_shape), generator=generator).flatten()]
+    if objective.learns_labels:
+        parts.append(torch.randn((1, objective.num_classes), generator=generator).flatten())
+    return torch.cat(parts)
+
+
+def _finish(
+    victim: _Victim,
+    objective: BatchedObjective,
+    z: torch.Tensor,
+    loss: float,
+    label: torch.Tensor | None,
+    *,
+    steps: int,
+    tolerance: float,
+    dtype: torch.dtype,
+) -> None:
+    if victim.best is not None and _better(victim.best[0], loss):
+        loss, z = victim.best
+    x = z[: objective.input_size].reshape(1, *objective.input_shape)
+    predicted = label if label is not None else z[objective.input_size :].argmax().reshape(1)
+    victim.result = Reconstruction(
+        inputs=x.detach().to(dtype),
+        labels=predicted.detach().reshape(-1),
+        loss_history=tuple(victim.history),
+        snapshots=tuple(victim.snapshots),
+        steps=steps,
+        evaluations=victim.evaluations,
+        restarts=victim.restarts,
+        converged=math.isfinite(loss) and loss < tolerance,
+    )
+
+
+def _better(candidate: float, than: float) -> bool:
+    return math.isfinite(candidate) and (not math.isfinite(than) or candidate < than)
+
+
+def _snapshot(victim: _Victim, objective: BatchedObjective, step: int, z: torch.Tensor) -> None:
+    if victim.keep_frames:
+        x = z[: objective.input_size].reshape(1, *objective.input_shape)
+        victim.snapshots.append(Snapshot(step, x.detach().cpu().float().clone()))
+
+
+def _faithful(
+    attack: GradientInversion,
+    objective: BatchedObjective,
+    victims: list[_Victim],
+    z0: torch.Tensor,
+    labels: torch.Tensor | None,
+    callback: Callable[[int], None] | None,
+) -> None:
+    config = attack.config
+    out_dtype = torch.float32
+    optimiser = FaithfulLBFGS(
+        z0, lr=config.lr, history=config.history_size, max_iter=config.max_iter
+    )
+    rows = torch.arange(len(victims), device=z0.device)  # victim index of each row
+    steps = torch.zeros(len(victims), dtype=torch.long, device=z0.device)
+    finished = 0
+    while rows.numel():
+        loss, g = objective(optimiser.z)
+        for r in rows.tolist():
+            victims[r].evaluations += 1
+        start = optimiser.at_step_start
+        finite = torch.isfinite(loss)
+        at_end = steps == config.iterations
+        check = (steps % config.check_every == 0) & (loss < config.tolerance)
+        done = start & (~finite | at_end | check)
+        for i in start.nonzero().flatten().tolist():
+            victim, k = victims[int(rows[i])], int(steps[i])
+            if k % config.snapshot_every == 0:
+                _snapshot(victim, objective, k, optimiser.z[i])
+            value = float(loss[i])
+            if math.isfinite(value):
+                victim.history.append(value)
+            if bool(done[i]):
+                label = labels[rows[i]].reshape(1) if labels is not None else None
+                _finish(victim, objective, optimiser.z[i], value, label, steps=k,
+                        tolerance=config.tolerance, dtype=out_dtype)  # fmt: skip
+                finished += 1
+        ended = optimiser.advance(loss, g, ~done)
+        steps += ended.long()
+        if bool(done.any()):
+            keep = (~done).nonzero().flatten()
+            rows, steps = rows[keep], steps[keep]
+            optimiser.keep(keep)
+            objective.select(rows)
+            if callback is not None:
+                callback(finished)
+
+
+def _improved(
+    attack: GradientInversion,
+    objective: BatchedObjective,
+    victims: list[_Victim],
+    z0: torch.Tensor,
+    labels: torch.Tensor | None,
+    callback: Callable[[int], None] | None,
+) -> None:
+    config = attack.config
+    per_step = config.max_iter  # inner iterations that make one reported "step"
+    budget = config.iterations * per_step
+    patience = config.patience * per_step
+    optimiser = RobustLBFGS(z0, lr=config.lr, history=config.history_size)
+    rows = torch.arange(len(victims), device=z0.device)
+    floor = config.restart_above * objective.squared_norms()
+    done_before = torch.zeros(len(victims), dtype=torch.long, device=z0.device)  # iterations
+    best_recent = torch.full_like(floor, float("inf"))
+    since = torch.zeros_like(done_before)
+    finished = 0
+    while rows.numel():
+        loss, g = objective(optimiser.points)
+        for r in rows.tolist():
+            victims[r].evaluations += 1
+        moved = optimiser.advance(loss, g, torch.ones_like(rows, dtype=torch.bool))
+        current = optimiser.loss
+        total = done_before + optimiser.iterations
+        improved = moved & (current < 0.9 * best_recent)
+        best_recent = torch.where(improved, current, best_recent)
+        since = torch.where(improved, 0, torch.where(moved, since + 1, since))
+        converged = moved & (current < config.tolerance)
+        stalled = moved & (since >= patience)
+        out = total >= budget
+        evals_out = torch.tensor([victims[r].evaluations for r in rows.tolist()]) >= 3 * budget
+        diverged = moved & ~torch.isfinite(current)
+        restart = (diverged | (stalled & (current > floor))) & ~converged & ~out
+        done = converged | out | evals_out.to(out.device) | (stalled & ~restart)
+        boundary = moved & (optimiser.iterations % per_step == 0)
+        for i in (boundary | done | restart).nonzero().flatten().tolist():
+            victim = victims[int(rows[i])]
+            step = -(-int(total[i]) // per_step)
+            value = float(current[i])
+            if bool(boundary[i]):
+                if math.isfinite(value):
+                    victim.history.append(value)
+                if (int(optimiser.iterations[i]) // per_step) % config.snapshot_every == 0:
+                    _snapshot(victim, objective, step, optimiser.z[i])
+            out_of_restarts = victim.restarts >= config.max_restarts
+            if bool(done[i]) or (bool(restart[i]) and out_of_restarts):
+                label = labels[rows[i]].reshape(1) if labels is not None else None
+                _finish(victim, objective, optimiser.z[i], value, label, steps=step,
+                        tolerance=config.tolerance, dtype=torch.float32)  # fmt: skip
+                done[i] = True
+                finished += 1
+            elif bool(restart[i]):
+                if victim.best is None or _better(value, victim.best[0]):
+                    victim.best = (value, optimiser.z[i].clone())
+                victim.restarts += 1
+                victim.snapshots.clear()
+                fresh = _draw(objective, victim.generator).to(z0.device, z0.dtype)
+                mask = torch.zeros_like(done)
+                mask[i] = True
+                optimiser.restart(mask, fresh.expand_as(optimiser.z))
+                done_before[i] = total[i]
+                optimiser.iterations[i] = 0
+                best_recent[i], since[i] = float("inf"), 0
+        if bool(done.any()):
+            keep = (~done).nonzero().flatten()
+            rows, done_before = rows[keep], done_before[keep]
+            best_recent, since, floor = best_recent[keep], since[keep], floor[keep]
+            optimiser.keep(keep)
+            objective.select(rows)
+            if callback is not None:
+                callback(finished)

@@ -1,0 +1,109 @@
+"""The gradient-matching objective of many victims at once, with torch.func.
+
+Each victim has its own model weights, shared gradient, label and dummy.  The
+per-victim objective (replay the client step on the dummy, squared distance to
+the shared gradient) is written for one victim and `vmap`-ed over all of them,
+so one call evaluates every victim's loss and its gradient in the dummy as a
+single vectorised computation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, grad_and_value, vmap
+
+from gradleak.attacks.matching import soft_label_cross_entropy
+from gradleak.errors import AttackNotApplicable
+from gradleak.types import Observation
+
+
+class BatchedObjective:
+    """Loss and gradient of V independent gradient-matching problems.
+
+    The variable of victim v is one flat vector: its dummy input, followed by
+    its dummy label logits when the labels are learned (DLG), the same order
+    ``torch.optim.LBFGS`` flattens ``[inputs, label_logits]`` in.
+
+    Args:
+        observations: One single-example observation per victim, all of the
+            same architecture (the weights and gradients differ).
+        labels: Known labels, shape ``(V,)``, or None to learn them.
+        dtype: The precision to compute in.
+    """
+
+    def __init__(
+        self,
+        observations: Sequence[Observation],
+        labels: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> None:
+        first = observations[0]
+        if any(o.batch_size != 1 for o in observations):
+            raise AttackNotApplicable("the batched engine attacks single-example gradients")
+        if any(True for _ in first.model.buffers()):
+            raise AttackNotApplicable(
+                "the batched engine needs a model without buffers (no BatchNorm); "
+                "use the sequential engine"
+            )
+        self.input_shape = tuple(first.input_shape)
+        self.num_classes = first.num_classes
+        self.input_size = math.prod(self.input_shape)
+        self.learns_labels = labels is None
+        self.size = self.input_size + (self.num_classes if self.learns_labels else 0)
+        self.device = first.device
+        names = list(first.parameter_names)
+        # A weightless copy: functional_call substitutes each victim's weights.
+        self._skeleton = copy.deepcopy(first.model).to("meta")
+        self._all_params = {
+            n: torch.stack([dict(o.model.named_parameters())[n].detach() for o in observations]).to(
+                dtype
+            )
+            for n in names
+        }
+        self._all_targets = {
+            n: torch.stack([o.gradients[k] for o in observations]).to(dtype)
+            for k, n in enumerate(names)
+        }
+        self._all_labels = labels
+        self._function = vmap(grad_and_value(self._one, argnums=2))
+        self.select(torch.arange(len(observations), device=self.device))
+
+    def select(self, victims: torch.Tensor) -> None:
+        """Restrict evaluation to these victims (finished ones leave the work)."""
+        self._params = {n: p[victims] for n, p in self._all_params.items()}
+        self._targets = {n: t[victims] for n, t in self._all_targets.items()}
+        labels = self._all_labels
+        self._labels = labels[victims] if labels is not None else victims  # placeholder for vmap
+
+    def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Losses ``(V,)`` and their gradients ``(V, size)`` at the points ``z``."""
+        with torch.enable_grad():
+            gradient, loss = self._function(self._params, self._targets, z, self._labels)
+        return loss.detach(), gradient.detach()
+
+    def squared_norms(self) -> torch.Tensor:
+        """``||shared gradient||^2`` of every selected victim."""
+        return sum(t.flatten(1).pow(2).sum(1) for t in self._targets.values())
+
+    def _one(
+        self,
+        params: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        z: torch.Tensor,
+        label: torch.Tensor,
+    ) -> torch.Tensor:
+        x = z[: self.input_size].reshape(1, *self.input_shape)
+
+        def client_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            logits = functional_call(self._skeleton, p, (x,))
+            if self.learns_labels:
+                return soft_label_cross_entropy(logits, z[self.input_size :].reshape(1, -1))
+            return F.cross_entropy(logits, label.reshape(1))
+
+        dummy = grad(client_loss)(params)
+        return sum(((dummy[n] - targets[n]) ** 2).sum() for n in dummy)

@@ -1,0 +1,259 @@
+"""`gradleak reproduce idlg`: iDLG's Table 1 and Figure 1, resumable.
+
+Experiments (`reproduce_protocol`) run in chunks of victims: every finished
+batch of attacks is appended to results.jsonl at once, and a rerun of the
+same command skips what is there, so an interrupted run of 1000 experiments
+picks up where it stopped.  Two engines attack a batch: "sequential" (one
+victim after another, the reference) and "batched" (many victims at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import gradleak
+from gradleak.attacks import AttackConfig, GradientInversion, build_attack
+from gradleak.data import load_dataset
+from gradleak.errors import ConfigError
+from gradleak.experiments import reproduce_report as report
+from gradleak.experiments.common import resolve_device, use_cpu_threads
+from gradleak.experiments.reproduce_protocol import (
+    DATASETS,
+    METHODS,
+    MODEL,
+    SEEDING,
+    Victim,
+    make_victim,
+    result_row,
+)
+from gradleak.experiments.reproduce_store import (
+    RESULTS,
+    append_results,
+    pin_run,
+    read_results,
+)
+from gradleak.types import Reconstruction
+
+__all__ = ["DATASETS", "ENGINES", "METHODS", "MODES", "ReproduceRun", "run_reproduce"]
+
+log = logging.getLogger(__name__)
+
+PAPERS = ("idlg",)
+MODES = ("faithful", "improved")
+ENGINES = ("batched", "sequential")
+
+# callback(dataset, experiments done, experiments asked for); an experiment
+# counts half when one of its two attacks is done.
+ProgressCallback = Callable[[str, float, int], None]
+
+
+@dataclass(frozen=True)
+class ReproduceRun:
+    """One `gradleak reproduce` invocation.
+
+    Attributes:
+        paper: Which paper to reproduce ("idlg").
+        datasets: The datasets to run, in order.
+        nested: Write each dataset into ``out/<dataset>/`` and a combined
+            ``out/report.md`` (``--all-datasets``); otherwise into ``out``.
+        data_dir: Folder with the datasets' files (None: the default).
+        experiments: Experiments per dataset (the paper: 1000).
+        mode: "faithful" (the paper's protocol) or "improved".
+        engine: "batched" (many victims at once) or "sequential".
+        seed: Fixes every random choice of the run.
+        out: Output folder.
+        chunk: Victims per batch; results are saved after every batch.
+        device: "auto", "cpu" or "cuda".
+        command: The command line, quoted in the report.
+    """
+
+    paper: str = "idlg"
+    datasets: tuple[str, ...] = ("mnist",)
+    nested: bool = False
+    data_dir: str | None = None
+    experiments: int = 1000
+    mode: str = "faithful"
+    engine: str = "batched"
+    seed: int = 0
+    out: str = "runs/reproduce-idlg"
+    chunk: int = 64
+    device: str = "auto"
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        _choose("paper", self.paper, PAPERS)
+        if not self.datasets:
+            raise ConfigError("no dataset given: use --dataset NAME or --all-datasets")
+        for name in self.datasets:
+            _choose("dataset", name, DATASETS)
+        _choose("mode", self.mode, MODES)
+        _choose("engine", self.engine, ENGINES)
+        if self.experiments < 1 or self.chunk < 1:
+            raise ConfigError("--experiments and --chunk must be 1 or more")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be 0 or more, got {self.seed}")
+
+    def folder(self, dataset: str) -> Path:
+        """Where `dataset`'s files go."""
+        return Path(self.out) / dataset if self.nested else Path(self.out)
+
+
+def run_reproduce(
+    run: ReproduceRun, *, callback: ProgressCallback | None = None
+) -> list[dict[str, Any]]:
+    """Run (or resume) the reproduction and write its files.
+
+    Returns:
+        The summary of each dataset, as written to its summary.json.
+    """
+    device = resolve_device(run.device)
+    if run.engine == "sequential":
+        use_cpu_threads(device)  # one small attack at a time: threads only add overhead
+    summaries = [_reproduce_dataset(run, name, device, callback) for name in run.datasets]
+    if run.nested:
+        report.write_combined_report(Path(run.out), summaries)
+    return summaries
+
+
+def _reproduce_dataset(
+    run: ReproduceRun, dataset: str, device: torch.device, callback: ProgressCallback | None
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    data = load_dataset(dataset, data_dir=run.data_dir, download=None)
+    out = run.folder(dataset)
+    pin_run(out, _pinned(run, dataset, len(data)))
+    results_path = out / RESULTS
+    rows = read_results(results_path)
+    done = {(r["experiment"], r["method"]) for r in rows}
+    total = run.experiments
+
+    def progress() -> None:
+        if callback is not None:
+            finished = sum(1 for e, _ in done if e < total)
+            callback(dataset, finished / len(METHODS), total)
+
+    def summarise() -> dict[str, Any]:
+        context = _context(run, dataset, device, time.perf_counter() - started)
+        return report.summarise(rows, experiments=total, **context)
+
+    attacks = {m: build_attack(m, AttackConfig(improved=run.mode == "improved")) for m in METHODS}
+    pending = [e for e in range(total) if any((e, m) not in done for m in METHODS)]
+    log.info("%s: %d of %d experiments to run", dataset, len(pending), total)
+    progress()
+    for start in range(0, len(pending), run.chunk):
+        victims = [
+            make_victim(data, dataset, run.seed, e, device)
+            for e in pending[start : start + run.chunk]
+        ]
+        for method in METHODS:
+            todo = [v for v in victims if (v.experiment, method) not in done]
+
+            def finished_one(e: int, m: str = method) -> None:
+                done.add((e, m))
+                progress()
+
+            outcomes = _attack(attacks[method], todo, run.engine, finished_one)
+            new_rows = [
+                result_row(v, method, dataset, result, seconds, run.engine, device)
+                for v, (result, seconds) in zip(todo, outcomes, strict=True)
+            ]
+            append_results(results_path, new_rows)
+            rows.extend(new_rows)
+            for victim, (result, _) in zip(todo, outcomes, strict=True):
+                if victim.experiment == report.STRIP_EXPERIMENT:
+                    report.save_strip_frames(out, method, victim.image, result)
+        report.write_summary(out, summarise())
+        log.info("%s: %d attacks done", dataset, len(rows))
+    summary = summarise()
+    report.write_summary(out, summary)
+    report.write_dataset_report(out, summary)
+    return summary
+
+
+def _attack(
+    attack: GradientInversion,
+    victims: Sequence[Victim],
+    engine: str,
+    finished: Callable[[int], None],
+) -> list[tuple[Reconstruction, float]]:
+    """Attack every victim with its own seed; returns results and seconds each."""
+    if not victims:
+        return []
+    seeds = [v.seeds.attacks[attack.name] for v in victims]
+    if engine == "sequential":
+        outcomes = []
+        for victim, seed in zip(victims, seeds, strict=True):
+            start = time.perf_counter()
+            result = attack(victim.observation, seed=seed)
+            outcomes.append((result, time.perf_counter() - start))
+            finished(victim.experiment)
+        return outcomes
+    # Imported here so that the sequential path works without the batched engine.
+    from gradleak.attacks.engine import attack_batch
+
+    reported = 0
+
+    def on_progress(count: int) -> None:
+        # The engine counts victims finished; we do not know which, so credit them in order.
+        nonlocal reported
+        while reported < min(count, len(victims)):
+            finished(victims[reported].experiment)
+            reported += 1
+
+    start = time.perf_counter()
+    results = attack_batch(
+        attack,
+        [v.observation for v in victims],
+        seeds,
+        snapshots=[v.experiment == report.STRIP_EXPERIMENT for v in victims],
+        callback=on_progress,
+    )
+    share = (time.perf_counter() - start) / len(victims)
+    on_progress(len(victims))
+    return [(result, share) for result in results]
+
+
+def _pinned(run: ReproduceRun, dataset: str, size: int) -> dict[str, Any]:
+    """run.json: what the results mean, fixed at the first start."""
+    return {
+        "paper": run.paper,
+        "dataset": dataset,
+        "mode": run.mode,
+        "seed": run.seed,
+        "model": MODEL,
+        "dataset_size": size,
+        "seeding": SEEDING,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": run.command,
+        "gradleak": gradleak.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def _context(run: ReproduceRun, dataset: str, device: torch.device, wall: float) -> dict[str, Any]:
+    """The summary's description of this invocation."""
+    return {
+        "paper": run.paper,
+        "dataset": dataset,
+        "mode": run.mode,
+        "engine": run.engine,
+        "device": str(device),
+        "seed": run.seed,
+        "chunk": run.chunk,
+        "command": run.command,
+        "wall_seconds": round(wall, 3),
+        "torch": torch.__version__,
+        "gradleak": gradleak.__version__,
+    }
+
+
+def _choose(what: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {what} '{value}': choose one of {', '.join(choices)}")
