@@ -50,6 +50,11 @@ class AttackConfig:
         restart_above: Improved mode: a stalled run restarts when its loss is
             above this share of the shared gradient's squared norm (a bad
             basin); below it the run is at its precision floor and stops.
+        init: Where the dummy inputs start: "normal" (standard normal, the
+            papers'), "midgray" (0.5 plus normal noise of std 0.01: the
+            attacker knows pixels lie in [0, 1], and starting inside that
+            range shortens the path several-fold), or "auto" (midgray when
+            improved).
         precision: "float32", "float64", or "auto" (float64 when improved).
             The attacker is free to compute in higher precision than the
             client did; it makes L-BFGS's curvature pairs reliable at small
@@ -67,6 +72,7 @@ class AttackConfig:
     max_restarts: int = 4
     patience: int = 40
     restart_above: float = 1e-8
+    init: str = "auto"
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -76,8 +82,17 @@ class AttackConfig:
             raise ConfigError("lr, history_size and max_iter must be positive")
         if self.check_every <= 0 or self.snapshot_every <= 0:
             raise ConfigError("check_every and snapshot_every must be positive")
+        if self.init not in ("auto", "normal", "midgray"):
+            raise ConfigError(f"init must be auto, normal or midgray, not {self.init!r}")
         if self.precision not in ("auto", "float32", "float64"):
             raise ConfigError(f"precision must be auto, float32 or float64, not {self.precision!r}")
+
+    def initial_inputs(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """Draw the dummy inputs' starting point (on the CPU, in float32)."""
+        noise = torch.randn(shape, generator=generator)
+        if self.init == "midgray" or (self.init == "auto" and self.improved):
+            return 0.5 + 0.01 * noise
+        return noise
 
     @property
     def dtype(self) -> torch.dtype:
@@ -191,7 +206,7 @@ def _optimise(
 
     while True:
         # Draw on the CPU so that a seed means the same start on every device.
-        x = torch.randn(shape, generator=generator).to(device, dtype).requires_grad_(True)
+        x = config.initial_inputs(shape, generator).to(device, dtype).requires_grad_(True)
         label_logits = None
         variables = [x]
         if labels is None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gradleak.attacks.dlg import GradientInversion
+from gradleak.attacks.dlg import AttackConfig, GradientInversion
 from gradleak.attacks.lbfgs import FaithfulLBFGS, RobustLBFGS
 from gradleak.attacks.objective import BatchedObjective
 from gradleak.types import Observation, Reconstruction, Snapshot
@@ -74,7 +74,7 @@ def attack_batch(
         _Victim(torch.Generator().manual_seed(int(s)), bool(snapshots and snapshots[i]))
         for i, s in enumerate(seeds)
     ]
-    z0 = torch.stack([_draw(objective, v.generator) for v in victims]).to(
+    z0 = torch.stack([_draw(objective, config, v.generator) for v in victims]).to(
         objective.device, config.dtype
     )
     run = _improved if config.improved else _faithful
@@ -82,9 +82,11 @@ def attack_batch(
     return [v.result for v in victims]  # type: ignore[misc]
 
 
-def _draw(objective: BatchedObjective, generator: torch.Generator) -> torch.Tensor:
+def _draw(
+    objective: BatchedObjective, config: AttackConfig, generator: torch.Generator
+) -> torch.Tensor:
     # The same draws, in the same order, as the sequential engine: inputs, then logits.
-    parts = [torch.randn((1, *objective.input_shape), generator=generator).flatten()]
+    parts = [config.initial_inputs((1, *objective.input_shape), generator).flatten()]
     if objective.learns_labels:
         parts.append(torch.randn((1, objective.num_classes), generator=generator).flatten())
     return torch.cat(parts)
@@ -233,7 +235,7 @@ def _improved(
                     victim.best = (value, optimiser.z[i].clone())
                 victim.restarts += 1
                 victim.snapshots.clear()
-                fresh = _draw(objective, victim.generator).to(z0.device, z0.dtype)
+                fresh = _draw(objective, config, victim.generator).to(z0.device, z0.dtype)
                 mask = torch.zeros_like(done)
                 mask[i] = True
                 optimiser.restart(mask, fresh.expand_as(optimiser.z))

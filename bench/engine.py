@@ -1,0 +1,85 @@
+"""Sequential vs batched engine, faithful vs improved mode, on the same victims.
+
+Each victim: a fresh uniform-init LeNet and a random real test image (iDLG's
+protocol).  The same victims go through every path in one run; the table
+gives victims per minute, the share rebuilt below MSE 1e-3, and the speed
+ratio against the paper's setting (faithful mode, sequential engine).
+
+    .venv/bin/python bench/engine.py --dataset mnist --victims 16
+    .venv/bin/python bench/engine.py --dataset cifar100 --victims 8
+
+Needs the real data (GRADLEAK_DATA or ../shared/data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from gradleak import IDLG, build_model, observe
+from gradleak.attacks.engine import attack_batch
+from gradleak.data import load_dataset
+from gradleak.metrics import mse
+
+DATA = Path(os.environ.get("GRADLEAK_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
+
+
+def victims(dataset: str, count: int, seed: int) -> tuple[list, list[torch.Tensor]]:
+    data = load_dataset(dataset, data_dir=DATA, download=False)
+    rng = torch.Generator().manual_seed(seed)
+    indices = torch.randint(len(data), (count,), generator=rng).tolist()
+    observations, images = [], []
+    for i, index in enumerate(indices):
+        image, label = data[index]
+        model = build_model(
+            "lenet", input_shape=data.shape, num_classes=data.num_classes, seed=seed * 7919 + i
+        )
+        observations.append(observe(model, image, torch.tensor(label)))
+        images.append(image)
+    return observations, images
+
+
+def run(path: str, mode: str, observations: list, images: list) -> tuple[float, float, int]:
+    attack = IDLG(improved=mode == "improved")
+    seeds = list(range(len(observations)))
+    start = time.perf_counter()
+    if path == "sequential":
+        results = [attack(o, seed=s) for o, s in zip(observations, seeds, strict=True)]
+    else:
+        results = attack_batch(attack, observations, seeds)
+    seconds = time.perf_counter() - start
+    rebuilt = sum(mse(r.inputs[0], x) < 1e-3 for r, x in zip(results, images, strict=True))
+    return seconds, rebuilt / len(images), sum(r.evaluations for r in results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="mnist", choices=["mnist", "cifar100", "lfw"])
+    parser.add_argument("--victims", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    # speed: relative to faithful mode on the sequential engine (the paper's setting).
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    observations, images = victims(args.dataset, args.victims, args.seed)
+    rows = []
+    for mode in ("faithful", "improved"):
+        for path in ("sequential", "batched"):
+            seconds, share, evaluations = run(path, mode, observations, images)
+            rows.append((mode, path, seconds, share, evaluations))
+    base = rows[0][2]
+    print(f"iDLG, {args.dataset}, {args.victims} victims, {args.threads} thread(s), "
+          f"torch {torch.__version__}")  # fmt: skip
+    header = "| mode | engine | seconds | victims/min | MSE<1e-3 | evaluations | speed |"
+    print(header + "\n" + "|---" * 7 + "|")
+    for mode, path, seconds, share, evaluations in rows:
+        print(f"| {mode} | {path} | {seconds:.1f} | {60 * args.victims / seconds:.1f} | "
+              f"{share:.0%} | {evaluations} | {base / seconds:.2f}x |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
