@@ -191,7 +191,9 @@ def _improved(
     patience = config.patience * per_step
     optimiser = RobustLBFGS(z0, lr=config.lr, history=config.history_size)
     rows = torch.arange(len(victims), device=z0.device)
-    floor = config.restart_above * objective.squared_norms()
+    norms = objective.squared_norms()
+    floor = config.restart_above * norms
+    tolerance = config.relative_tolerance * norms
     done_before = torch.zeros(len(victims), dtype=torch.long, device=z0.device)  # iterations
     best_recent = torch.full_like(floor, float("inf"))
     since = torch.zeros_like(done_before)
@@ -206,7 +208,7 @@ def _improved(
         improved = moved & (current < 0.9 * best_recent)
         best_recent = torch.where(improved, current, best_recent)
         since = torch.where(improved, 0, torch.where(moved, since + 1, since))
-        converged = moved & (current < config.tolerance)
+        converged = moved & (current < tolerance)
         stalled = moved & (since >= patience)
         out = total >= budget
         evals_out = torch.tensor([victims[r].evaluations for r in rows.tolist()]) >= 3 * budget
@@ -227,7 +229,7 @@ def _improved(
             if bool(done[i]) or (bool(restart[i]) and out_of_restarts):
                 label = labels[rows[i]].reshape(1) if labels is not None else None
                 _finish(victim, objective, optimiser.z[i], value, label, steps=step,
-                        tolerance=config.tolerance, dtype=torch.float32)  # fmt: skip
+                        tolerance=float(tolerance[i]), dtype=torch.float32)  # fmt: skip
                 done[i] = True
                 finished += 1
             elif bool(restart[i]):
@@ -245,7 +247,8 @@ def _improved(
         if bool(done.any()):
             keep = (~done).nonzero().flatten()
             rows, done_before = rows[keep], done_before[keep]
-            best_recent, since, floor = best_recent[keep], since[keep], floor[keep]
+            best_recent, since = best_recent[keep], since[keep]
+            floor, tolerance = floor[keep], tolerance[keep]
             optimiser.keep(keep)
             objective.select(rows)
             if callback is not None:
