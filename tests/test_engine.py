@@ -101,7 +101,9 @@ def test_faithful_batched_follows_the_sequential_engine(method: type) -> None:
         if not both_off:  # a blown-up dummy's learned label means nothing
             assert torch.equal(batched[i].labels, reference.labels)
             assert abs(math.log10(a) - math.log10(b)) < 0.3, (i, a, b)
-            assert abs(batched[i].evaluations - reference.evaluations) <= 0.1 * reference.evaluations
+            assert (
+                abs(batched[i].evaluations - reference.evaluations) <= 0.1 * reference.evaluations
+            )
 
 
 def test_improved_batched_rebuilds_what_the_protocol_misses() -> None:

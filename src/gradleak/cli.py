@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument(
         "--improved",
         action="store_true",
-        help="strong-Wolfe line search, per-step convergence check, restarts",
+        help="strong-Wolfe line search, float64, mid-grey start, per-step stop, restarts",
     )
     attack.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     attack.add_argument("--out", default="runs/attack", help="output folder (runs/attack)")

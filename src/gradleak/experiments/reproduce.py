@@ -114,8 +114,9 @@ def run_reproduce(
         The summary of each dataset, as written to its summary.json.
     """
     device = resolve_device(run.device)
-    if run.engine == "sequential":
-        use_cpu_threads(device)  # one small attack at a time: threads only add overhead
+    # LeNet-sized work, batched or not, is too small to split across threads: on
+    # the 2-core machine two threads ran the batched engine many times slower.
+    use_cpu_threads(device)
     summaries = [_reproduce_dataset(run, name, device, callback) for name in run.datasets]
     if run.nested:
         report.write_combined_report(Path(run.out), summaries)
@@ -133,10 +134,12 @@ def _reproduce_dataset(
     rows = read_results(results_path)
     done = {(r["experiment"], r["method"]) for r in rows}
     total = run.experiments
+    finished = sum(1 for e, _ in done if e < total)  # attacks, two per experiment
 
-    def progress() -> None:
+    def progress(count: int = 0) -> None:
+        nonlocal finished
+        finished += count
         if callback is not None:
-            finished = sum(1 for e, _ in done if e < total)
             callback(dataset, finished / len(METHODS), total)
 
     def summarise() -> dict[str, Any]:
@@ -154,21 +157,18 @@ def _reproduce_dataset(
         ]
         for method in METHODS:
             todo = [v for v in victims if (v.experiment, method) not in done]
-
-            def finished_one(e: int, m: str = method) -> None:
-                done.add((e, m))
-                progress()
-
-            outcomes = _attack(attacks[method], todo, run.engine, finished_one)
+            outcomes = _attack(attacks[method], todo, run.engine, lambda: progress(1))
+            # Frames before lines: a kill in between reruns the attack, which rewrites them.
+            for victim, (result, _) in zip(todo, outcomes, strict=True):
+                if victim.experiment == report.STRIP_EXPERIMENT:
+                    report.save_strip_frames(out, method, victim.image, result)
             new_rows = [
                 result_row(v, method, dataset, result, seconds, run.engine, device)
                 for v, (result, seconds) in zip(todo, outcomes, strict=True)
             ]
             append_results(results_path, new_rows)
             rows.extend(new_rows)
-            for victim, (result, _) in zip(todo, outcomes, strict=True):
-                if victim.experiment == report.STRIP_EXPERIMENT:
-                    report.save_strip_frames(out, method, victim.image, result)
+            done.update((v.experiment, method) for v in todo)
         report.write_summary(out, summarise())
         log.info("%s: %d attacks done", dataset, len(rows))
     summary = summarise()
@@ -181,9 +181,12 @@ def _attack(
     attack: GradientInversion,
     victims: Sequence[Victim],
     engine: str,
-    finished: Callable[[int], None],
+    finished: Callable[[], None],
 ) -> list[tuple[Reconstruction, float]]:
-    """Attack every victim with its own seed; returns results and seconds each."""
+    """Attack every victim with its own seed; returns results and seconds each.
+
+    `finished` is called once per victim as it finishes (for progress).
+    """
     if not victims:
         return []
     seeds = [v.seeds.attacks[attack.name] for v in victims]
@@ -193,7 +196,7 @@ def _attack(
             start = time.perf_counter()
             result = attack(victim.observation, seed=seed)
             outcomes.append((result, time.perf_counter() - start))
-            finished(victim.experiment)
+            finished()
         return outcomes
     # Imported here so that the sequential path works without the batched engine.
     from gradleak.attacks.engine import attack_batch
@@ -201,10 +204,9 @@ def _attack(
     reported = 0
 
     def on_progress(count: int) -> None:
-        # The engine counts victims finished; we do not know which, so credit them in order.
         nonlocal reported
         while reported < min(count, len(victims)):
-            finished(victims[reported].experiment)
+            finished()
             reported += 1
 
     start = time.perf_counter()

@@ -160,7 +160,7 @@ def write_dataset_report(out: Path, summary: dict[str, Any]) -> None:
         report.save_strip_rows(
             out / "strip.png",
             rows,
-            title=f"{name}, experiment {STRIP_EXPERIMENT}: the dummy every 10 steps ({mode})",
+            title=f"{name}, experiment {STRIP_EXPERIMENT}: the dummy as L-BFGS runs ({mode})",
         )
     lines = [f"# iDLG reproduction: {name}", "", *_run_lines(summary), ""]
     lines += ["## Table 1: label accuracy", "", "| method | ours | paper |", "|---|---|---|"]
@@ -177,19 +177,23 @@ def write_dataset_report(out: Path, summary: dict[str, Any]) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def _run_lines(summary: Mapping[str, Any]) -> list[str]:
+def _run_lines(summary: Mapping[str, Any], scope: str = "") -> list[str]:
     return [
         f"Reproduces Table 1 and Figure 1 of [{paper.PAPER_TITLE}]({paper.PAPER_URL}).",
         "",
         f"- command: `{summary['command']}`",
-        f"- N = {summary['experiments']} experiments per dataset "
+        f"- N = {summary['experiments']} experiments{scope} "
         f"({summary['complete']} complete with both methods), "
         f"mode {summary['mode']}, engine {summary['engine']}, device {summary['device']}, "
         f"seed {summary['seed']}",
         f"- time: {summary['attack_seconds']:.1f} s of attacks over all runs of this folder; "
         f"this run's wall time {summary['wall_seconds']:.1f} s",
-        f"- gradleak {summary['gradleak']}, torch {summary['torch']}; "
-        "results: [results.jsonl](results.jsonl), [summary.json](summary.json)",
+        f"- gradleak {summary['gradleak']}, torch {summary['torch']}"
+        + (
+            ""
+            if scope
+            else "; results: [results.jsonl](results.jsonl), [summary.json](summary.json)"
+        ),
     ]
 
 
@@ -197,8 +201,8 @@ def _fidelity_table(dataset: str, methods: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Figure 1: share of experiments with MSE below a threshold",
         "",
-        "Paper values were read by eye off the paper's Figure 1 at 0.01 and 0.0001 and "
-        "interpolated in between: approximate.",
+        "Paper columns: read off Fig. 1 by eye at 0.01 and 0.0001 (approx.), "
+        "interpolated in between.",
         "",
         "| MSE below | DLG ours | DLG paper | iDLG ours | iDLG paper |",
         "|---|---|---|---|---|",
@@ -244,7 +248,7 @@ def write_combined_report(out: Path, summaries: Sequence[Mapping[str, Any]]) -> 
             "attack_seconds": sum(s["attack_seconds"] for s in summaries),
             "wall_seconds": sum(s["wall_seconds"] for s in summaries),
         }
-        lines += [*_run_lines(combined), ""]
+        lines += [*_run_lines(combined, " per dataset"), ""]
     lines += [
         "## Table 1: label accuracy (ours / paper)",
         "",
