@@ -13,7 +13,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 
 def to_image(x: torch.Tensor):  # -> numpy array for imshow
@@ -51,14 +54,22 @@ def save_strip(
         ax.axis("off")
     for ax, (caption, image) in zip(flat, frames, strict=False):
         pixels = to_image(image)
-        ax.imshow(
-            pixels,
-            cmap="gray" if pixels.ndim == 2 else None,
-            vmin=0,
-            vmax=1,
-            interpolation="nearest",
-        )
-        ax.set_title(caption, fontsize=8)
+        _show(ax, pixels, caption, fontsize=8)
+    return _save(fig, path, title)
+
+
+def _show(ax: Axes, pixels: np.ndarray, caption: str, *, fontsize: int) -> None:
+    ax.imshow(
+        pixels,
+        cmap="gray" if pixels.ndim == 2 else None,
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+    )
+    ax.set_title(caption, fontsize=fontsize)
+
+
+def _save(fig: Figure, path: Path, title: str | None) -> Path:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -97,23 +108,11 @@ def save_strip_rows(
                 continue
             caption, image = frames[c]
             pixels = to_image(image)
-            ax.imshow(
-                pixels,
-                cmap="gray" if pixels.ndim == 2 else None,
-                vmin=0,
-                vmax=1,
-                interpolation="nearest",
-            )
-            ax.set_title(caption, fontsize=7)
+            _show(ax, pixels, caption, fontsize=7)
             for spine in ax.spines.values():
                 spine.set_visible(False)
         grid[r][0].set_ylabel(name, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def save_fidelity_plot(
