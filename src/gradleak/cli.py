@@ -152,14 +152,22 @@ def _cmd_attack(args: argparse.Namespace, console: Console) -> None:
         out=args.out,
         num_classes=args.num_classes,
     )
-    with _progress(console) as progress:
-        task = progress.add_task(f"{run.method} attack", total=run.iterations, loss="")
+    progress = _progress(console)
+    task = progress.add_task(f"{run.method} attack", total=run.iterations, loss="")
 
-        def on_step(step: int, loss: float) -> None:
-            progress.update(task, completed=min(step + 1, run.iterations), loss=f"{loss:.2e}")
+    def on_step(step: int, loss: float) -> None:
+        # The bar appears with the first step, so that bad input (found before
+        # any step) prints its one error line and nothing else.
+        if not progress.live.is_started:
+            progress.start()
+        progress.update(task, completed=min(step + 1, run.iterations), loss=f"{loss:.2e}")
 
+    try:
         row = run_attack(run, callback=on_step)
         progress.update(task, completed=run.iterations)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
     console.print(_summary_table(row))
     console.print(f"wrote {run.out}/metrics.json and {run.out}/reconstruction.png")
 
