@@ -166,7 +166,4 @@ def save_fidelity_plot(
     ax.legend(fontsize=8, loc="lower left")
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, None)

@@ -44,8 +44,7 @@ class _Memory:
         self.head = torch.zeros(n, dtype=torch.long, device=like.device)
 
     def keep(self, rows: torch.Tensor) -> None:
-        for name in ("s", "y", "sy", "yy", "count", "head"):
-            setattr(self, name, getattr(self, name)[rows])
+        _keep_rows(self, rows, ("s", "y", "sy", "yy", "count", "head"))
 
     def reset(self, mask: torch.Tensor) -> None:
         self.count = torch.where(mask, 0, self.count)
@@ -102,6 +101,12 @@ class _Memory:
         return -hg
 
 
+def _keep_rows(state: object, rows: torch.Tensor, names: tuple[str, ...]) -> None:
+    """Keep only `rows` of each per-problem tensor attribute (finished problems leave)."""
+    for name in names:
+        setattr(state, name, getattr(state, name)[rows])
+
+
 def _dots(vectors: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """``vectors (n, k, D) . buffer (n, m, D)`` -> ``(n, k, m)``.
 
@@ -143,9 +148,8 @@ class FaithfulLBFGS:
         self.at_step_start = torch.ones(n, dtype=torch.bool, device=z.device)
 
     def keep(self, rows: torch.Tensor) -> None:
-        for name in ("z", "d", "prev_g", "t", "prev_loss", "h_diag", "n_total", "n_local",
-                     "at_step_start"):  # fmt: skip
-            setattr(self, name, getattr(self, name)[rows])
+        _keep_rows(self, rows, ("z", "d", "prev_g", "t", "prev_loss", "h_diag", "n_total",
+                                "n_local", "at_step_start"))  # fmt: skip
         self.memory.keep(rows)
 
     def advance(self, loss: torch.Tensor, g: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -224,9 +228,8 @@ class RobustLBFGS:
         self.trial = torch.zeros(n, dtype=torch.bool, device=z.device)
 
     def keep(self, rows: torch.Tensor) -> None:
-        for name in ("z", "loss", "g", "d", "t", "gtd", "h_diag", "trials", "iterations",
-                     "trial"):  # fmt: skip
-            setattr(self, name, getattr(self, name)[rows])
+        _keep_rows(self, rows, ("z", "loss", "g", "d", "t", "gtd", "h_diag", "trials",
+                                "iterations", "trial"))  # fmt: skip
         self.memory.keep(rows)
 
     def restart(self, mask: torch.Tensor, z: torch.Tensor) -> None:
