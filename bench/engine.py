@@ -5,8 +5,12 @@ protocol).  The same victims go through every path in one run; the table
 gives victims per minute, the share rebuilt below MSE 1e-3, and the speed
 ratio against the paper's setting (faithful mode, sequential engine).
 
-    .venv/bin/python bench/engine.py --dataset mnist --victims 16
-    .venv/bin/python bench/engine.py --dataset cifar100 --victims 8
+    .venv/bin/python bench/engine.py --dataset mnist --victims 64 --width 16
+    .venv/bin/python bench/engine.py --dataset cifar100 --victims 16 --width 8
+
+"improved" is gradleak's default improved mode (closed-form warm start, then
+L-BFGS with a line search in float64); "improved, no warm start" is the same
+optimiser from the usual mid-grey draw, to show what each part buys.
 
 Needs the real data (GRADLEAK_DATA or ../shared/data).
 """
@@ -43,14 +47,19 @@ def victims(dataset: str, count: int, seed: int) -> tuple[list, list[torch.Tenso
     return observations, images
 
 
-def run(path: str, mode: str, observations: list, images: list) -> tuple[float, float, int]:
-    attack = IDLG(improved=mode == "improved")
+def run(
+    path: str, mode: str, observations: list, images: list, width: int
+) -> tuple[float, float, int]:
+    if mode == "improved, no warm start":
+        attack = IDLG(improved=True, warm_start="none")
+    else:
+        attack = IDLG(improved=mode == "improved")
     seeds = list(range(len(observations)))
     start = time.perf_counter()
     if path == "sequential":
         results = [attack(o, seed=s) for o, s in zip(observations, seeds, strict=True)]
     else:
-        results = attack_batch(attack, observations, seeds)
+        results = attack_batch(attack, observations, seeds, width=width)
     seconds = time.perf_counter() - start
     rebuilt = sum(mse(r.inputs[0], x) < 1e-3 for r, x in zip(results, images, strict=True))
     return seconds, rebuilt / len(images), sum(r.evaluations for r in results)
@@ -62,18 +71,20 @@ def main() -> None:
     parser.add_argument("--victims", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--width", type=int, default=16, help="victims at a time (faithful)")
     # speed: relative to faithful mode on the sequential engine (the paper's setting).
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     observations, images = victims(args.dataset, args.victims, args.seed)
     rows = []
-    for mode in ("faithful", "improved"):
-        for path in ("sequential", "batched"):
-            seconds, share, evaluations = run(path, mode, observations, images)
-            rows.append((mode, path, seconds, share, evaluations))
+    paths = [("faithful", "sequential"), ("faithful", "batched"), ("improved", "sequential"),
+             ("improved", "batched"), ("improved, no warm start", "batched")]  # fmt: skip
+    for mode, path in paths:
+        seconds, share, evaluations = run(path, mode, observations, images, args.width)
+        rows.append((mode, path, seconds, share, evaluations))
     base = rows[0][2]
-    print(f"iDLG, {args.dataset}, {args.victims} victims, {args.threads} thread(s), "
-          f"torch {torch.__version__}")  # fmt: skip
+    print(f"iDLG, {args.dataset}, {args.victims} victims (width {args.width}), "
+          f"{args.threads} thread(s), torch {torch.__version__}")  # fmt: skip
     header = "| mode | engine | seconds | victims/min | MSE<1e-3 | evaluations | speed |"
     print(header + "\n" + "|---" * 7 + "|")
     for mode, path, seconds, share, evaluations in rows:

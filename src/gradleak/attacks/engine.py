@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gradleak.attacks.analytic import analytic_inputs
 from gradleak.attacks.dlg import AttackConfig, GradientInversion
 from gradleak.attacks.lbfgs import FaithfulLBFGS, RobustLBFGS
 from gradleak.attacks.objective import BatchedObjective
@@ -48,8 +49,9 @@ def attack_batch(
     *,
     snapshots: Sequence[bool] | None = None,
     callback: Callable[[int], None] | None = None,
+    width: int = 32,
 ) -> list[Reconstruction]:
-    """Attack many single-example observations at once.
+    """Attack many observations at once (each one example, or all the same batch size).
 
     Args:
         attack: A configured DLG or IDLG; its config decides the algorithm.
@@ -57,6 +59,9 @@ def attack_batch(
         seeds: The dummy-init seed of each victim (as `attack(obs, seed=...)`).
         snapshots: Per victim, whether to keep its snapshot frames.
         callback: Called with the number of victims finished so far.
+        width: Faithful mode attacks at most this many victims at a time and
+            starts the next ones as others finish, so that the batch stays
+            full instead of ending with its slowest victim alone.
 
     Returns:
         One reconstruction per victim, in input order.
@@ -68,7 +73,7 @@ def attack_batch(
     config = attack.config
     labels = None
     if not attack.learns_labels:
-        labels = torch.cat([attack.infer_labels(o).reshape(1) for o in observations])
+        labels = torch.stack([attack.infer_labels(o).reshape(-1) for o in observations])
     objective = BatchedObjective(observations, labels, config.dtype)
     victims = [
         _Victim(torch.Generator().manual_seed(int(s)), bool(snapshots and snapshots[i]))
@@ -77,8 +82,16 @@ def attack_batch(
     z0 = torch.stack([_draw(objective, config, v.generator) for v in victims]).to(
         objective.device, config.dtype
     )
-    run = _improved if config.improved else _faithful
-    run(attack, objective, victims, z0, labels, callback)
+    if config.analytic_start:
+        warm = analytic_inputs(observations, labels, dtype=config.dtype)
+        if warm is not None:
+            usable = torch.isfinite(warm.flatten(1)).all(1)
+            start = z0[:, : objective.input_size]
+            z0[:, : objective.input_size] = torch.where(usable[:, None], warm.flatten(1), start)
+    if config.improved:
+        _improved(attack, objective, victims, z0, labels, callback)
+    else:
+        _faithful(attack, objective, victims, z0, labels, callback, max(1, width))
     return [v.result for v in victims]  # type: ignore[misc]
 
 
@@ -86,9 +99,10 @@ def _draw(
     objective: BatchedObjective, config: AttackConfig, generator: torch.Generator
 ) -> torch.Tensor:
     # The same draws, in the same order, as the sequential engine: inputs, then logits.
-    parts = [config.initial_inputs((1, *objective.input_shape), generator).flatten()]
+    batch = objective.batch_size
+    parts = [config.initial_inputs((batch, *objective.input_shape), generator).flatten()]
     if objective.learns_labels:
-        parts.append(torch.randn((1, objective.num_classes), generator=generator).flatten())
+        parts.append(torch.randn((batch, objective.num_classes), generator=generator).flatten())
     return torch.cat(parts)
 
 
@@ -105,8 +119,9 @@ def _finish(
 ) -> None:
     if victim.best is not None and _better(victim.best[0], loss):
         loss, z = victim.best
-    x = z[: objective.input_size].reshape(1, *objective.input_shape)
-    predicted = label if label is not None else z[objective.input_size :].argmax().reshape(1)
+    x = z[: objective.input_size].reshape(objective.batch_size, *objective.input_shape)
+    logits = z[objective.input_size :].reshape(objective.batch_size, -1)
+    predicted = label if label is not None else logits.argmax(-1)
     victim.result = Reconstruction(
         inputs=x.detach().to(dtype),
         labels=predicted.detach().reshape(-1),
@@ -125,7 +140,7 @@ def _better(candidate: float, than: float) -> bool:
 
 def _snapshot(victim: _Victim, objective: BatchedObjective, step: int, z: torch.Tensor) -> None:
     if victim.keep_frames:
-        x = z[: objective.input_size].reshape(1, *objective.input_shape)
+        x = z[: objective.input_size].reshape(objective.batch_size, *objective.input_shape)
         victim.snapshots.append(Snapshot(step, x.detach().cpu().float().clone()))
 
 
@@ -136,14 +151,17 @@ def _faithful(
     z0: torch.Tensor,
     labels: torch.Tensor | None,
     callback: Callable[[int], None] | None,
+    width: int,
 ) -> None:
     config = attack.config
     out_dtype = torch.float32
+    rows = torch.arange(min(width, len(victims)), device=z0.device)  # victim index of each row
+    waiting = torch.arange(len(rows), len(victims), device=z0.device)
     optimiser = FaithfulLBFGS(
-        z0, lr=config.lr, history=config.history_size, max_iter=config.max_iter
+        z0[rows], lr=config.lr, history=config.history_size, max_iter=config.max_iter
     )
-    rows = torch.arange(len(victims), device=z0.device)  # victim index of each row
-    steps = torch.zeros(len(victims), dtype=torch.long, device=z0.device)
+    objective.select(rows)
+    steps = torch.zeros(len(rows), dtype=torch.long, device=z0.device)
     finished = 0
     while rows.numel():
         loss, g = objective(optimiser.z)
@@ -162,7 +180,7 @@ def _faithful(
             if math.isfinite(value):
                 victim.history.append(value)
             if bool(done[i]):
-                label = labels[rows[i]].reshape(1) if labels is not None else None
+                label = labels[rows[i]].reshape(-1) if labels is not None else None
                 _finish(victim, objective, optimiser.z[i], value, label, steps=k,
                         tolerance=config.tolerance, dtype=out_dtype)  # fmt: skip
                 finished += 1
@@ -172,6 +190,11 @@ def _faithful(
             keep = (~done).nonzero().flatten()
             rows, steps = rows[keep], steps[keep]
             optimiser.keep(keep)
+            joining, waiting = waiting[: width - len(rows)], waiting[width - len(rows) :]
+            if len(joining):
+                rows = torch.cat([rows, joining])
+                steps = torch.cat([steps, torch.zeros_like(joining)])
+                optimiser.extend(z0[joining])
             objective.select(rows)
             if callback is not None:
                 callback(finished)
@@ -227,7 +250,7 @@ def _improved(
                     _snapshot(victim, objective, step, optimiser.z[i])
             out_of_restarts = victim.restarts >= config.max_restarts
             if bool(done[i]) or (bool(restart[i]) and out_of_restarts):
-                label = labels[rows[i]].reshape(1) if labels is not None else None
+                label = labels[rows[i]].reshape(-1) if labels is not None else None
                 _finish(victim, objective, optimiser.z[i], value, label, steps=step,
                         tolerance=float(tolerance[i]), dtype=torch.float32)  # fmt: skip
                 done[i] = True

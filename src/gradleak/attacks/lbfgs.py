@@ -43,8 +43,14 @@ class _Memory:
         self.count = torch.zeros(n, dtype=torch.long, device=like.device)
         self.head = torch.zeros(n, dtype=torch.long, device=like.device)
 
+    _rows = ("s", "y", "sy", "yy", "count", "head")
+
     def keep(self, rows: torch.Tensor) -> None:
-        _keep_rows(self, rows, ("s", "y", "sy", "yy", "count", "head"))
+        _keep_rows(self, rows, self._rows)
+
+    def extend(self, other: _Memory) -> None:
+        """Append the problems of `other` (same history size) after these."""
+        _append_rows(self, other, self._rows)
 
     def reset(self, mask: torch.Tensor) -> None:
         self.count = torch.where(mask, 0, self.count)
@@ -107,6 +113,12 @@ def _keep_rows(state: object, rows: torch.Tensor, names: tuple[str, ...]) -> Non
         setattr(state, name, getattr(state, name)[rows])
 
 
+def _append_rows(state: object, other: object, names: tuple[str, ...]) -> None:
+    """Append `other`'s rows to each per-problem tensor attribute (new problems join)."""
+    for name in names:
+        setattr(state, name, torch.cat([getattr(state, name), getattr(other, name)]))
+
+
 def _dots(vectors: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """``vectors (n, k, D) . buffer (n, m, D)`` -> ``(n, k, m)``.
 
@@ -147,10 +159,18 @@ class FaithfulLBFGS:
         # True: the next evaluation starts a step (step()'s first closure call).
         self.at_step_start = torch.ones(n, dtype=torch.bool, device=z.device)
 
+    _rows = ("z", "d", "prev_g", "t", "prev_loss", "h_diag", "n_total", "n_local",
+             "at_step_start")  # fmt: skip
+
     def keep(self, rows: torch.Tensor) -> None:
-        _keep_rows(self, rows, ("z", "d", "prev_g", "t", "prev_loss", "h_diag", "n_total",
-                                "n_local", "at_step_start"))  # fmt: skip
+        _keep_rows(self, rows, self._rows)
         self.memory.keep(rows)
+
+    def extend(self, z: torch.Tensor) -> None:
+        """New problems join at the end, starting from `z` with a fresh state."""
+        fresh = FaithfulLBFGS(z, lr=self.lr, history=self.memory.history, max_iter=self.max_iter)
+        _append_rows(self, fresh, self._rows)
+        self.memory.extend(fresh.memory)
 
     def advance(self, loss: torch.Tensor, g: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Consume one evaluation at `z` for the `active` problems.

@@ -43,8 +43,8 @@ class BatchedObjective:
         dtype: torch.dtype,
     ) -> None:
         first = observations[0]
-        if any(o.batch_size != 1 for o in observations):
-            raise AttackNotApplicable("the batched engine attacks single-example gradients")
+        if any(o.batch_size != first.batch_size for o in observations):
+            raise AttackNotApplicable("the batched engine needs victims of one batch size")
         if any(True for _ in first.model.buffers()):
             raise AttackNotApplicable(
                 "the batched engine needs a model without buffers (no BatchNorm); "
@@ -52,9 +52,11 @@ class BatchedObjective:
             )
         self.input_shape = tuple(first.input_shape)
         self.num_classes = first.num_classes
-        self.input_size = math.prod(self.input_shape)
+        self.batch_size = first.batch_size
+        self.input_size = self.batch_size * math.prod(self.input_shape)
         self.learns_labels = labels is None
-        self.size = self.input_size + (self.num_classes if self.learns_labels else 0)
+        label_size = self.batch_size * self.num_classes if self.learns_labels else 0
+        self.size = self.input_size + label_size
         self.device = first.device
         names = list(first.parameter_names)
         # A weightless copy: functional_call substitutes each victim's weights.
@@ -97,13 +99,15 @@ class BatchedObjective:
         z: torch.Tensor,
         label: torch.Tensor,
     ) -> torch.Tensor:
-        x = z[: self.input_size].reshape(1, *self.input_shape)
+        x = z[: self.input_size].reshape(self.batch_size, *self.input_shape)
 
         def client_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
             logits = functional_call(self._skeleton, p, (x,))
             if self.learns_labels:
-                return soft_label_cross_entropy(logits, z[self.input_size :].reshape(1, -1))
-            return F.cross_entropy(logits, label.reshape(1))
+                return soft_label_cross_entropy(
+                    logits, z[self.input_size :].reshape(self.batch_size, -1)
+                )
+            return F.cross_entropy(logits, label.reshape(-1))
 
         dummy = grad(client_loss)(params)
         return sum(((dummy[n] - targets[n]) ** 2).sum() for n in dummy)
