@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from pytorch_msssim import ssim as _ssim
+from scipy.optimize import linear_sum_assignment
 
 FIDELITY_THRESHOLDS: tuple[float, ...] = (1e-2, 5e-3, 1e-3, 5e-4, 1e-4)
 
@@ -51,6 +52,40 @@ def label_correct(predicted: int | Sequence[int], true: int | Sequence[int]) -> 
     p = [predicted] if isinstance(predicted, int) else list(predicted)
     t = [true] if isinstance(true, int) else list(true)
     return sorted(p) == sorted(t)
+
+
+def match_reconstructions(
+    reconstructions: torch.Tensor, originals: torch.Tensor
+) -> tuple[list[int], list[float]]:
+    """Pair each original with a reconstruction so that the total MSE is smallest.
+
+    A mean gradient does not tell which example came first, so a batch's
+    reconstructions come in any order; this finds the optimal assignment
+    (Hungarian algorithm) on the matrix of pairwise MSEs.
+
+    Args:
+        reconstructions: ``(B, *shape)``, in the attack's order.
+        originals: ``(B, *shape)``, in the batch's order.
+
+    Returns:
+        ``(permutation, per_pair_mse)``: original ``i`` is matched to
+        reconstruction ``permutation[i]`` with MSE ``per_pair_mse[i]``.  A
+        non-finite reconstruction costs infinity and is matched last.
+    """
+    if reconstructions.shape != originals.shape:
+        raise ValueError(
+            f"shapes differ: {tuple(reconstructions.shape)} vs {tuple(originals.shape)}"
+        )
+    rec = reconstructions.detach().double().cpu().flatten(1)
+    ref = originals.detach().double().cpu().flatten(1)
+    cost = ((ref[:, None, :] - rec[None, :, :]) ** 2).mean(dim=-1)  # (original, reconstruction)
+    # Non-finite pairs cost more than any assignment of finite ones, so they go last.
+    ok = torch.isfinite(cost)
+    worst = float(cost[ok].max()) if bool(ok.any()) else 0.0
+    priced = torch.where(ok, cost, torch.full_like(cost, (worst + 1.0) * (len(cost) + 1)))
+    rows, cols = linear_sum_assignment(priced.numpy())
+    permutation = [int(c) for _, c in sorted(zip(rows, cols, strict=True))]
+    return permutation, [float(cost[i, j]) for i, j in enumerate(permutation)]
 
 
 def fidelity(

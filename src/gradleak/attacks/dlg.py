@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gradleak.attacks.labels import idlg_label
+from gradleak.attacks.analytic import analytic_inputs
+from gradleak.attacks.labels import batch_labels, idlg_label
 from gradleak.attacks.matching import matching_loss
 from gradleak.errors import ConfigError
 from gradleak.types import Observation, Reconstruction, Snapshot
@@ -61,6 +62,11 @@ class AttackConfig:
             attacker knows pixels lie in [0, 1], and starting inside that
             range shortens the path several-fold), or "auto" (midgray when
             improved).
+        warm_start: "analytic" starts from the closed-form estimate of the
+            input that the gradient of a sigmoid conv net gives layer by layer
+            (analytic.py; a single example of a supported model, else the
+            usual draw), "none" from the draw, "auto" analytic when improved.
+            Restarts always start from a fresh draw.
         precision: "float32", "float64", or "auto" (float64 when improved).
             The attacker is free to compute in higher precision than the
             client did; it makes L-BFGS's curvature pairs reliable at small
@@ -80,6 +86,7 @@ class AttackConfig:
     patience: int = 40
     restart_above: float = 1e-8
     init: str = "auto"
+    warm_start: str = "auto"
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -91,6 +98,8 @@ class AttackConfig:
             raise ConfigError("check_every and snapshot_every must be positive")
         if self.init not in ("auto", "normal", "midgray"):
             raise ConfigError(f"init must be auto, normal or midgray, not {self.init!r}")
+        if self.warm_start not in ("auto", "analytic", "none"):
+            raise ConfigError(f"warm_start must be auto, analytic or none, not {self.warm_start!r}")
         if self.precision not in ("auto", "float32", "float64"):
             raise ConfigError(f"precision must be auto, float32 or float64, not {self.precision!r}")
 
@@ -100,6 +109,11 @@ class AttackConfig:
         if self.init == "midgray" or (self.init == "auto" and self.improved):
             return 0.5 + 0.01 * noise
         return noise
+
+    @property
+    def analytic_start(self) -> bool:
+        """Whether the first run starts from the closed-form estimate (where one exists)."""
+        return self.warm_start == "analytic" or (self.warm_start == "auto" and self.improved)
 
     def threshold(self, squared_norm: float) -> float:
         """The matching loss below which a run has converged."""
@@ -175,13 +189,19 @@ class IDLG(GradientInversion):
     https://arxiv.org/abs/2001.02610. Reads the label exactly from the sign of
     the last Linear layer's weight gradient, then optimises the dummy input
     alone with cross-entropy on that label.  Same L-BFGS defaults as DLG.
-    Applies to single-example gradients of models ending in a Linear layer.
+    Applies to models ending in a Linear layer.  On a batch it reads the
+    label multiset with `batch_labels` (the last layer's bias gradient and
+    the model) and optimises the inputs alone: gradleak's improved DLG for
+    batches, where the faithful DLG learns the labels.  Shapes: as DLG; the
+    labels come out in ascending order, not the batch's.
     """
 
     name = "idlg"
     learns_labels = False
 
     def infer_labels(self, observation: Observation) -> torch.Tensor:
+        if observation.batch_size > 1:
+            return batch_labels(observation)
         return torch.tensor([idlg_label(observation)], device=observation.device)
 
 
@@ -221,7 +241,12 @@ def _optimise(
 
     while True:
         # Draw on the CPU so that a seed means the same start on every device.
-        x = config.initial_inputs(shape, generator).to(device, dtype).requires_grad_(True)
+        x = config.initial_inputs(shape, generator).to(device, dtype)
+        if state.restarts == 0 and config.analytic_start:
+            warm = analytic_inputs([observation], labels, dtype=dtype)
+            if warm is not None and bool(torch.isfinite(warm).all()):
+                x = warm.to(device, dtype)
+        x.requires_grad_(True)
         label_logits = None
         variables = [x]
         if labels is None:

@@ -55,3 +55,164 @@ def idlg_label(observation: Observation) -> int:
             f"{observation.num_classes} classes; the iDLG label rule does not apply"
         )
     return idlg_label_from_weight_gradient(weight)
+
+
+# --- Batches -----------------------------------------------------------------
+#
+# For a batch of B examples and the mean cross-entropy, the last layer's bias
+# gradient is  g_b[c] = (S_c - n_c) / B,  where n_c counts the examples of
+# class c and S_c = sum_i softmax_i[c] is the probability mass the model puts
+# on c over the batch.  An absent class has g_b[c] = S_c / B > 0, so every
+# class with a negative bias gradient is in the batch (a proof, not a
+# heuristic).  Counts follow from  n_c = S_c - B g_b[c]  once S_c is known;
+# the attacker estimates it from the model and the gradient alone:
+#
+# * For an absent class the weight-gradient row is  g_W[c] = sum_i p_ic h_i / B,
+#   a positive combination of the examples' features.  Pooling the rows and
+#   bias entries of the classes with a positive bias gradient gives a
+#   probability-weighted mean feature  h = sum g_W[c] / sum g_b[c].
+# * The model's softmax at that feature, times B, estimates S; the counts are
+#   then rounded to whole numbers that sum to B, keeping every
+#   negative-gradient class at least once.
+# * A class with a positive bias gradient can still be present (the model
+#   puts more than its count of mass on it); once the counts say so, it leaves
+#   the pool of the first step and the estimate is made again.
+#
+# The estimate is exact when every example's softmax is the same; it is off by
+# sum_i p_ic - B softmax(W h + b)_c otherwise.
+
+
+def last_linear_layer(model: nn.Module) -> tuple[str, str | None]:
+    """Names of the weight and bias (None without one) of the model's last Linear layer.
+
+    Raises:
+        AttackNotApplicable: The model has no Linear layer.
+    """
+    weight = last_linear_weight(model)
+    module = model.get_submodule(weight.rsplit(".", 1)[0] if "." in weight else "")
+    if getattr(module, "bias", None) is None:
+        return weight, None
+    return weight, weight[: -len("weight")] + "bias"
+
+
+def batch_label_counts_from_gradients(
+    weight_gradient: torch.Tensor,
+    bias_gradient: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """How many examples of each class the batch holds, from the last layer alone.
+
+    Args:
+        weight_gradient: Shared gradient of the last Linear weight, ``(classes, features)``.
+        bias_gradient: Shared gradient of its bias, ``(classes,)``.
+        weight: The layer's weight (the attacker sent the model), ``(classes, features)``.
+        bias: The layer's bias, ``(classes,)``.
+        batch_size: B, the number of examples the gradient averages over.
+
+    Returns:
+        Integer counts, ``(classes,)``, summing to `batch_size`.
+
+    When exactly B classes have a negative bias gradient the answer is exact
+    (each of them once): a proof.  Otherwise (repeated labels, or a present
+    class the model already favours so much that its sign is positive) it is
+    an estimate (see the module notes).  Measured with iDLG's protocol (a
+    fresh uniform-init LeNet per batch, random test images; the protocol of
+    tests/test_batch.py), the multiset was exact on 500 of 500 batches for
+    each of MNIST and CIFAR-100, B = 2..8, distinct labels and labels with
+    at least one repeat (14,000 batches).  Without the second pass (pool
+    refinement) MNIST fell to 99.4-99.8% at several B.  It can fail when the
+    examples' softmax outputs differ a lot, e.g. trained models.
+    """
+    gw, gb = weight_gradient.double(), bias_gradient.double()
+    present = gb < 0
+    if int(present.sum()) == batch_size:
+        return present.long()
+    if int(present.sum()) > batch_size:
+        raise AttackNotApplicable(
+            f"{int(present.sum())} classes have a negative bias gradient, more than the "
+            f"batch size {batch_size}: is --batch-size right, and the loss a mean cross-entropy?"
+        )
+    # Pool the classes with a positive bias gradient for the feature estimate.
+    # A class then found present despite its positive sign (the model puts
+    # more than its count of mass on it) is not a positive combination of
+    # features: drop it from the pool and estimate again.
+    absent = gb > 0
+    for _ in range(batch_size):
+        softmax = estimated_softmax(gw, gb, weight.double(), bias.double(), absent=absent)
+        counts = _round_counts(batch_size * (softmax - gb), present, batch_size)
+        hidden = absent & (counts > 0)
+        if not bool(hidden.any()) or bool(hidden.sum() == absent.sum()):
+            break
+        absent = absent & ~hidden
+    return counts
+
+
+def _round_counts(estimate: torch.Tensor, present: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Whole counts summing to `batch_size`, each `present` class at least once.
+
+    Largest remainder: the missing examples go one at a time to the class
+    whose estimate is furthest above its count.
+    """
+    counts = present.long()
+    for _ in range(batch_size - int(counts.sum())):
+        counts[int((estimate - counts).argmax())] += 1
+    return counts
+
+
+def estimated_softmax(
+    weight_gradient: torch.Tensor,
+    bias_gradient: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    absent: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The batch's mean softmax as the attacker estimates it, ``(classes,)``.
+
+    The softmax at the probability-weighted mean feature of the classes with a
+    positive bias gradient (see the module notes).  Falls back to the bias
+    alone (features of zero) when no class has a positive gradient mass.
+    """
+    if absent is None:
+        absent = bias_gradient > 0
+    mass = bias_gradient[absent].sum()
+    if float(mass) <= 0:
+        return torch.softmax(bias, dim=-1)
+    feature = weight_gradient[absent].sum(dim=0) / mass
+    return torch.softmax(weight @ feature + bias, dim=-1)
+
+
+def batch_labels(observation: Observation) -> torch.Tensor:
+    """The batch's labels as a sorted multiset, ``(batch_size,)`` on the observation's device.
+
+    Which example has which label cannot be told from a mean gradient; the
+    order is ascending.  For one example this is iDLG's label.
+
+    Raises:
+        AttackNotApplicable: No final Linear layer with a bias, or a label
+            space that does not match it.
+    """
+    model = observation.model
+    weight_name, bias_name = last_linear_layer(model)
+    if bias_name is None:
+        raise AttackNotApplicable(
+            "the batch label rule reads the last Linear layer's bias gradient and this "
+            "model's has no bias; use --method dlg, which learns the labels"
+        )
+    weight_gradient = observation.gradient(weight_name)
+    if weight_gradient.shape[0] != observation.num_classes:
+        raise AttackNotApplicable(
+            f"the last Linear layer has {weight_gradient.shape[0]} outputs, not the "
+            f"{observation.num_classes} classes; the batch label rule does not apply"
+        )
+    counts = batch_label_counts_from_gradients(
+        weight_gradient,
+        observation.gradient(bias_name),
+        model.get_parameter(weight_name).detach(),
+        model.get_parameter(bias_name).detach(),
+        observation.batch_size,
+    )
+    classes = torch.arange(len(counts), device=counts.device)
+    return torch.repeat_interleave(classes, counts).to(observation.device)

@@ -1,9 +1,15 @@
-"""`gradleak attack`: one victim, one shared gradient, one reconstruction."""
+"""`gradleak attack`: one victim batch, one shared gradient, one reconstruction.
+
+A batch of B images gives one mean gradient.  Which reconstruction belongs to
+which original cannot be told from it, so they are paired by an optimal
+assignment on MSE before any metric is computed.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +19,7 @@ import torch
 from gradleak import metrics
 from gradleak.attacks import AttackConfig, StepCallback, build_attack
 from gradleak.data import load_dataset
-from gradleak.errors import ConfigError
+from gradleak.errors import ConfigError, DataError
 from gradleak.experiments.common import (
     derive_seeds,
     finite_or_none,
@@ -22,7 +28,7 @@ from gradleak.experiments.common import (
     write_json,
 )
 from gradleak.models import MODELS, build_model
-from gradleak.report import save_strip
+from gradleak.report import save_strip, save_strip_rows
 from gradleak.threat import observe
 from gradleak.types import Reconstruction
 
@@ -31,7 +37,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AttackRun:
-    """One `gradleak attack` invocation."""
+    """One `gradleak attack` invocation.
+
+    The victims are `indices` if given, else `batch_size` (default 1)
+    consecutive images from `index`; their mean gradient is attacked at once.
+    """
 
     method: str = "idlg"
     dataset: str = "sample"
@@ -44,6 +54,8 @@ class AttackRun:
     device: str = "auto"
     out: str = "runs/attack"
     num_classes: int | None = None
+    batch_size: int | None = None
+    indices: tuple[int, ...] | None = None
 
 
 def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[str, Any]:
@@ -60,7 +72,10 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
     device = resolve_device(run.device)
     use_cpu_threads(device)
     dataset = load_dataset(run.dataset, data_dir=run.data_dir, num_classes=run.num_classes)
-    image, label = dataset[run.index]
+    indices = victim_indices(run, len(dataset), dataset.name)
+    victims = [dataset[i] for i in indices]
+    images = torch.stack([image for image, _ in victims])
+    labels = [label for _, label in victims]
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -68,28 +83,43 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
     model = build_model(
         run.model, input_shape=dataset.shape, num_classes=dataset.num_classes, seed=model_seed
     ).to(device)
-    x = image.to(device)
-    observation = observe(model, x, torch.tensor(label))
+    observation = observe(model, images.to(device), torch.tensor(labels))
 
     start = time.perf_counter()
     result = attack(observation, seed=attack_seed, callback=callback)
     seconds = time.perf_counter() - start
 
-    predicted = int(result.labels[0])
-    recovered = result.inputs[0].cpu()
-    row = {
+    # Reconstruction order[i] is the one that belongs to original i.
+    recovered = result.inputs.detach().cpu()
+    order, per_image_mse = metrics.match_reconstructions(recovered, images)
+    recovered = recovered[order]
+    predicted = [int(result.labels[j]) for j in order]
+    row: dict[str, Any] = {
         "method": run.method,
         "dataset": dataset.name,
-        "index": run.index,
+        "index": indices[0],
         "model": run.model,
-        "true_label": label,
-        "predicted_label": predicted,
-        "true_class": _class_name(dataset.class_names, label),
-        "predicted_class": _class_name(dataset.class_names, predicted),
-        "label_correct": metrics.label_correct(predicted, label),
-        "mse": finite_or_none(metrics.mse(recovered, image)),
-        "psnr": finite_or_none(metrics.psnr(recovered, image)),
-        "ssim": finite_or_none(metrics.ssim(recovered, image)),
+    }
+    if len(indices) == 1:
+        row |= {
+            "true_label": labels[0],
+            "predicted_label": predicted[0],
+            "true_class": _class_name(dataset.class_names, labels[0]),
+            "predicted_class": _class_name(dataset.class_names, predicted[0]),
+        }
+    row |= {
+        "batch_size": len(indices),
+        "indices": indices,
+        "true_labels": labels,
+        "predicted_labels": predicted,
+        "label_correct": metrics.label_correct(predicted, labels),
+        "labels_correct": metrics.label_correct(predicted, labels),
+        "per_image_mse": [finite_or_none(m) for m in per_image_mse],
+        "mse": finite_or_none(sum(per_image_mse) / len(per_image_mse)),
+        "psnr": finite_or_none(
+            _mean(metrics.psnr(r, o) for r, o in zip(recovered, images, strict=True))
+        ),
+        "ssim": finite_or_none(metrics.ssim(recovered, images)),
         "matching_loss": finite_or_none(result.final_loss),
         "converged": result.converged,
         "iterations": result.steps,
@@ -103,9 +133,53 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
         "torch": torch.__version__,
     }
     write_json(out / "metrics.json", row)
-    _save_reconstruction_strip(out / "reconstruction.png", image, result, row)
+    _save_reconstruction_strip(out / "reconstruction.png", images, result, order, row)
     log.info("wrote %s", out)
     return row
+
+
+def victim_indices(run: AttackRun, size: int, name: str) -> list[int]:
+    """The victims' indices in a dataset of `size` images called `name`.
+
+    `run.indices` if given (then `run.batch_size`, if given, must agree), else
+    `run.batch_size` (default 1) consecutive images from `run.index`.
+
+    Raises:
+        ConfigError: No indices, repeated ones, or a batch size that disagrees.
+        DataError: An index outside the dataset, or a batch running past its end.
+    """
+    last = f"{name} has {size:,} images (0..{size - 1})"
+    if run.indices is None:
+        batch = 1 if run.batch_size is None else run.batch_size
+        if batch <= 0:
+            raise ConfigError(f"--batch-size must be 1 or more, got {batch}")
+        if 0 <= run.index < size < run.index + batch:
+            raise DataError(
+                f"a batch of {batch} from index {run.index} runs past the end: {last}; "
+                "lower --index or --batch-size"
+            )
+        chosen = list(range(run.index, run.index + batch))
+    else:
+        chosen = list(run.indices)
+        if not chosen:
+            raise ConfigError("--indices is empty: give one or more, e.g. --indices 0,5,9")
+        if run.batch_size is not None and run.batch_size != len(chosen):
+            raise ConfigError(
+                f"--batch-size {run.batch_size} disagrees with the {len(chosen)} --indices "
+                "given; drop --batch-size"
+            )
+        repeated = sorted({i for i in chosen if chosen.count(i) > 1})
+        if repeated:
+            raise ConfigError(f"--indices repeats {repeated}: give each image once")
+    for i in chosen:
+        if not 0 <= i < size:
+            raise DataError(f"index {i} is out of range: {last}")
+    return chosen
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def _class_name(names: tuple[str, ...] | None, label: int) -> str | None:
@@ -115,15 +189,38 @@ def _class_name(names: tuple[str, ...] | None, label: int) -> str | None:
 
 
 def _save_reconstruction_strip(
-    path: Path, original: torch.Tensor, result: Reconstruction, row: dict[str, Any]
+    path: Path,
+    originals: torch.Tensor,
+    result: Reconstruction,
+    order: list[int],
+    row: dict[str, Any],
 ) -> None:
-    # iDLG's Figure 2: the original, then the dummy every 10 steps, then the result.
-    frames = [("original", original)]
-    frames += [(f"step {s.step}", s.inputs[0]) for s in result.snapshots if s.step < result.steps]
-    frames.append((f"final (step {result.steps})", result.inputs[0]))
+    # iDLG's Figure 2, one row per image: the original, the dummy every 10
+    # steps, then the result; row i shows the reconstruction matched to image i.
+    rows = []
+    for i, j in enumerate(order):
+        frames = [("original", originals[i])]
+        frames += [
+            (f"step {s.step}", s.inputs[j]) for s in result.snapshots if s.step < result.steps
+        ]
+        frames.append((f"final (step {result.steps})", result.inputs[j]))
+        mse = row["per_image_mse"][i]
+        rows.append(
+            (
+                f"[{row['indices'][i]}] {'diverged' if mse is None else f'{mse:.1e}'}",
+                frames,
+            )
+        )
     mse = "diverged" if row["mse"] is None else f"{row['mse']:.2e}"
+    if len(order) == 1:
+        title = (
+            f"{row['method'].upper()} on {row['dataset']}[{row['index']}]: label "
+            f"{row['true_label']} -> {row['predicted_label']}, MSE {mse}"
+        )
+        save_strip(path, rows[0][1], title=title)
+        return
     title = (
-        f"{row['method'].upper()} on {row['dataset']}[{row['index']}]: label "
-        f"{row['true_label']} -> {row['predicted_label']}, MSE {mse}"
+        f"{row['method'].upper()} on a batch of {len(order)} from {row['dataset']}: labels "
+        f"{sorted(row['true_labels'])} -> {sorted(row['predicted_labels'])}, mean MSE {mse}"
     )
-    save_strip(path, frames, title=title)
+    save_strip_rows(path, rows, title=title)
