@@ -62,6 +62,15 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _index_list(text: str) -> tuple[int, ...]:
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected whole numbers 0 or more separated by commas, got {text!r}"
+        )
+    return tuple(int(part) for part in parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gradleak",
@@ -86,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     attack.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
     attack.add_argument("--index", type=_non_negative_int, default=0, help="which image (0)")
+    attack.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="attack the mean gradient of images INDEX..INDEX+B-1 (1)",
+    )
+    attack.add_argument(
+        "--indices",
+        type=_index_list,
+        default=None,
+        help="attack the mean gradient of these images, e.g. 3,17,42 (instead of --index)",
+    )
     attack.add_argument("--model", default="lenet", help="lenet (default), resnet20, resnet56")
     attack.add_argument("--iterations", type=_positive_int, default=300, help="L-BFGS steps (300)")
     attack.add_argument("--seed", type=int, default=0, help="seed of model and dummy init (0)")
@@ -101,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     attack.set_defaults(handler=_cmd_attack)
     _add_reproduce(commands)
+    _add_text_commands(commands)
+    _add_defend(commands)
     return parser
 
 
@@ -151,6 +174,8 @@ def _cmd_attack(args: argparse.Namespace, console: Console) -> None:
         device=args.device,
         out=args.out,
         num_classes=args.num_classes,
+        batch_size=args.batch_size,
+        indices=args.indices,
     )
     progress = _progress(console)
     task = progress.add_task(f"{run.method} attack", total=run.iterations, loss="")
@@ -265,15 +290,25 @@ def _summary_table(row: dict) -> Table:
     def fmt(value: object, spec: str) -> str:
         return "diverged" if value is None else format(value, spec)
 
-    true = f"{row['true_label']}" + (f" ({row['true_class']})" if row["true_class"] else "")
-    pred = f"{row['predicted_label']}" + (
-        f" ({row['predicted_class']})" if row["predicted_class"] else ""
-    )
+    verdict = "correct" if row["label_correct"] else "WRONG"
     table.add_row("method", f"{row['method']}{' (improved)' if row['improved'] else ''}")
-    table.add_row("victim", f"{row['dataset']}[{row['index']}] on {row['model']}")
-    table.add_row("true label", true)
-    table.add_row("recovered label", f"{pred}  {'correct' if row['label_correct'] else 'WRONG'}")
-    table.add_row("MSE", fmt(row["mse"], ".3e"))
+    if row.get("batch_size", 1) == 1:
+        true = f"{row['true_label']}" + (f" ({row['true_class']})" if row["true_class"] else "")
+        pred = f"{row['predicted_label']}" + (
+            f" ({row['predicted_class']})" if row["predicted_class"] else ""
+        )
+        table.add_row("victim", f"{row['dataset']}[{row['index']}] on {row['model']}")
+        table.add_row("true label", true)
+        table.add_row("recovered label", f"{pred}  {verdict}")
+        table.add_row("MSE", fmt(row["mse"], ".3e"))
+    else:
+        indices = ",".join(str(i) for i in row["indices"])
+        table.add_row("victims", f"{row['dataset']}[{indices}] on {row['model']}")
+        table.add_row("true labels", " ".join(str(v) for v in sorted(row["true_labels"])))
+        pred = " ".join(str(v) for v in sorted(row["predicted_labels"]))
+        table.add_row("recovered labels", f"{pred}  {verdict}")
+        per_image = " ".join(fmt(m, ".1e") for m in row["per_image_mse"])
+        table.add_row("MSE (mean; per image)", f"{fmt(row['mse'], '.3e')}; {per_image}")
     table.add_row("PSNR (dB)", fmt(row["psnr"], ".1f"))
     table.add_row("SSIM", fmt(row["ssim"], ".3f"))
     table.add_row("matching loss", fmt(row["matching_loss"], ".2e"))
@@ -281,6 +316,222 @@ def _summary_table(row: dict) -> Table:
     table.add_row("restarts", str(row["restarts"]))
     table.add_row("time", f"{row['seconds']:.1f} s on {row['device']}")
     return table
+
+
+def _add_text_commands(commands: argparse._SubParsersAction) -> None:
+    text = commands.add_parser(
+        "attack-text",
+        help="rebuild a private sentence from a masked language model's gradient",
+        description="Simulate one masked-language-model step on a sentence and recover it "
+        "token by token from the shared gradient (DLG on text). Writes OUT/metrics.json and "
+        "OUT/trace.txt (the decoded dummy after each step, like DLG's text figure).",
+    )
+    text.add_argument("sentence", nargs="?", default=None, help="the private sentence")
+    text.add_argument(
+        "--model", default=None, help="folder of a saved masked LM and tokenizer (built-in BERT)"
+    )
+    text.add_argument("--mode", default="improved", help="improved (default) or faithful")
+    text.add_argument("--iterations", type=_positive_int, default=100, help="L-BFGS steps (100)")
+    text.add_argument(
+        "--trace-every", type=_positive_int, default=1, help="trace every N steps (1)"
+    )
+    text.add_argument("--seed", type=int, default=0, help="seed of model and dummy init (0)")
+    text.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    text.add_argument("--out", default="runs/attack-text", help="output folder")
+    text.set_defaults(handler=_cmd_attack_text)
+
+    figure = commands.add_parser(
+        "reproduce-text",
+        help="regenerate DLG's text figure on the built-in BERT",
+        description="Attack three conference-page sentences and write OUT/report.md (our "
+        "decoded dummies beside the paper's figure), summary.json and one trace per sentence.",
+    )
+    figure.add_argument(
+        "--mode", default="improved", help="improved (default), faithful, or both (comma list)"
+    )
+    figure.add_argument("--iterations", type=_positive_int, default=100, help="L-BFGS steps")
+    figure.add_argument("--seed", type=_non_negative_int, default=0, help="run seed (0)")
+    figure.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    figure.add_argument("--out", default="runs/reproduce-text", help="output folder")
+    figure.set_defaults(handler=_cmd_reproduce_text)
+
+
+def _cmd_attack_text(args: argparse.Namespace, console: Console) -> None:
+    from gradleak.experiments.attack_text import DEFAULT_SENTENCE, TextAttackRun, run_attack_text
+
+    run = TextAttackRun(
+        sentence=DEFAULT_SENTENCE if args.sentence is None else args.sentence,
+        model=args.model,
+        mode=args.mode,
+        iterations=args.iterations,
+        trace_every=args.trace_every,
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
+    )
+    if run.model is not None:  # transformers' own loading bars would mix with ours
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    progress = _progress(console)
+    task = progress.add_task(f"text {run.mode} attack", total=run.iterations, loss="")
+
+    def on_step(step: int, loss: float) -> None:
+        if not progress.live.is_started:  # bad input fails before any step
+            progress.start()
+        progress.update(task, completed=min(step, run.iterations), loss=f"{loss:.2e}")
+
+    try:
+        row = run_attack_text(run, callback=on_step)
+        progress.update(task, completed=run.iterations)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+    table = Table(title="gradleak attack-text", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("original", row["original"])
+    table.add_row("recovered", row["recovered"])
+    exact = "  exact" if row["exact"] else ""
+    table.add_row("token accuracy", f"{row['token_accuracy']:.2f}{exact}")
+    table.add_row("tokens leaked", f"{row['leaked_tokens']} ({row['leak']})")
+    table.add_row("steps / evaluations", f"{row['iterations']} / {row['evaluations']}")
+    table.add_row("time", f"{row['seconds']:.1f} s on {row['device']}")
+    console.print(table)
+    console.print(f"wrote {run.out}/metrics.json and {run.out}/trace.txt")
+
+
+def _cmd_reproduce_text(args: argparse.Namespace, console: Console) -> None:
+    from gradleak.experiments.reproduce_text import TextReproduceRun, run_reproduce_text
+
+    modes = ("improved", "faithful") if args.mode == "both" else tuple(args.mode.split(","))
+    run = TextReproduceRun(
+        modes=modes,
+        iterations=args.iterations,
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
+        command=shlex.join(["gradleak", *args.argv]),
+    )
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("sentences"), TimeElapsedColumn(), console=console,
+    )  # fmt: skip
+    tasks: dict[str, TaskID] = {}
+
+    def on_progress(mode: str, done: int, total: int) -> None:
+        if mode not in tasks:
+            tasks[mode] = progress.add_task(f"DLG text, {mode}", total=total)
+        progress.update(tasks[mode], completed=done)
+
+    with progress:
+        summary = run_reproduce_text(run, callback=on_progress)
+    for mode, stats in summary["modes"].items():
+        console.print(
+            f"{mode}: mean token accuracy {stats['token_accuracy']:.2f}, "
+            f"{100 * stats['exact']:.0f}% of sentences exact, {stats['seconds']} s"
+        )
+    console.print(f"wrote {run.out}/report.md, summary.json and the traces")
+
+
+def _add_defend(commands: argparse._SubParsersAction) -> None:
+    defend = commands.add_parser(
+        "defend",
+        help="audit defenses: attack success and model accuracy per defense and strength",
+        description="Attack the defended gradient with DLG and iDLG for every defense and "
+        "strength, train LeNet with the same defense to measure its accuracy cost, and write "
+        "OUT/results.jsonl, accuracy.jsonl, summary.json, defense.png, examples.png and "
+        "report.md. Rerunning the same command on the same OUT resumes where it stopped.",
+    )
+    defend.add_argument("--dataset", default="mnist", help="mnist (default) or cifar100")
+    defend.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
+    defend.add_argument(
+        "--defense",
+        default="all",
+        help="all (default: the DLG paper's sweep plus DP-SGD), none, gaussian, laplacian, "
+        "fp16, bf16, int8, prune, aggregate, batch or dpsgd",
+    )
+    defend.add_argument(
+        "--strengths", default=None, help="comma-separated strengths for one defense, e.g. 0.01,0.1"
+    )
+    defend.add_argument(
+        "--experiments", type=_positive_int, default=8, help="victims per defense/strength (8)"
+    )
+    defend.add_argument(
+        "--iterations", type=_positive_int, default=50, help="L-BFGS steps per attack (50)"
+    )
+    defend.add_argument("--improved", action="store_true", help="attack in improved mode")
+    defend.add_argument("--seed", type=_non_negative_int, default=0, help="run seed (0)")
+    defend.add_argument("--delta", type=float, default=1e-5, help="DP-SGD's delta (1e-5)")
+    defend.add_argument("--out", default="runs/defend", help="output folder (runs/defend)")
+    defend.add_argument(
+        "--chunk", type=_positive_int, default=64, help="victims attacked at once (64)"
+    )
+    defend.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    defend.set_defaults(handler=_cmd_defend)
+
+
+def _cmd_defend(args: argparse.Namespace, console: Console) -> None:
+    from gradleak.experiments.defend import DefendRun, plan, run_defend
+    from gradleak.experiments.defend_report import verdict_text
+
+    defenses, strengths = plan(args.defense, args.strengths)
+    run = DefendRun(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        defenses=defenses,
+        strengths=strengths,
+        experiments=args.experiments,
+        iterations=args.iterations,
+        improved=args.improved,
+        seed=args.seed,
+        delta=args.delta,
+        out=args.out,
+        chunk=args.chunk,
+        device=args.device,
+        command=shlex.join(["gradleak", *args.argv]),
+    )
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    tasks: dict[str, TaskID] = {}
+    names = {"attacks": "attacks (DLG + iDLG)", "training": "training runs (accuracy)"}
+
+    def on_progress(stage: str, done: float, total: int) -> None:
+        if not progress.live.is_started:
+            progress.start()  # after the input checks: bad input prints one line only
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(names[stage], total=total)
+        progress.update(tasks[stage], completed=done)
+
+    try:
+        summary = run_defend(run, callback=on_progress)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+    table = Table(title="defense audit (attack success: share of MSE < 1e-2; accuracy)")
+    for column in ("defense", "iDLG", "DLG", "accuracy", "verdict"):
+        table.add_column(column)
+    for entry in summary["entries"]:
+        share = {m: entry["methods"][m]["fidelity"]["0.01"] for m in ("idlg", "dlg")}
+        accuracy = entry["accuracy"]
+        table.add_row(
+            entry["label"],
+            *("n/a" if share[m] is None else f"{100 * share[m]:.0f}%" for m in ("idlg", "dlg")),
+            "n/a" if accuracy is None else f"{100 * accuracy:.1f}%",
+            verdict_text(entry),
+        )
+    console.print(table)
+    console.print(
+        f"wrote {run.out}/results.jsonl, summary.json, defense.png and report.md "
+        f"({summary['wall_seconds']:.0f} s)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
