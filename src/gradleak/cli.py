@@ -136,24 +136,31 @@ def _add_reproduce(commands: argparse._SubParsersAction) -> None:
         "summary.json, fidelity.png, strip.png and report.md. Rerunning the same command "
         "on the same OUT resumes where it stopped.",
     )
-    reproduce.add_argument("paper", help="the paper to reproduce: idlg")
-    which = reproduce.add_mutually_exclusive_group(required=True)
+    reproduce.add_argument("paper", help="idlg (Table 1, Fig. 1) or dlg-batch (DLG Table 2)")
+    which = reproduce.add_mutually_exclusive_group()  # idlg needs one: checked there
     which.add_argument("--dataset", help="mnist, cifar100 or lfw")
     which.add_argument(
         "--all-datasets", action="store_true", help="all three, each into OUT/<dataset>/"
     )
     reproduce.add_argument("--data-dir", default=None, help="folder holding the datasets' files")
     reproduce.add_argument(
-        "--experiments", type=_positive_int, default=1000, help="experiments per dataset (1000)"
+        "--experiments",
+        type=_positive_int,
+        default=None,
+        help="experiments per dataset (idlg 1000) or per batch size (dlg-batch 100)",
     )
     reproduce.add_argument("--mode", default="faithful", help="faithful (default) or improved")
     reproduce.add_argument("--engine", default="batched", help="batched (default) or sequential")
     reproduce.add_argument("--seed", type=_non_negative_int, default=0, help="run seed (0)")
+    reproduce.add_argument("--out", default=None, help="output folder (runs/reproduce-<paper>)")
     reproduce.add_argument(
-        "--out", default="runs/reproduce-idlg", help="output folder (runs/reproduce-idlg)"
+        "--chunk", type=_positive_int, default=None, help="victims attacked at once (64; 16)"
     )
-    reproduce.add_argument(
-        "--chunk", type=_positive_int, default=64, help="victims attacked at once (64)"
+    batch = reproduce.add_argument_group("dlg-batch only")
+    batch.add_argument("--batch-sizes", default="1,2,4,8", help="batch sizes (1,2,4,8)")
+    batch.add_argument("--methods", default="dlg,improved", help="dlg,improved (both)")
+    batch.add_argument(
+        "--iterations", type=_positive_int, default=300, help="L-BFGS steps at most (300)"
     )
     reproduce.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     reproduce.set_defaults(handler=_cmd_reproduce)
@@ -200,17 +207,22 @@ def _cmd_attack(args: argparse.Namespace, console: Console) -> None:
 def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     from gradleak.experiments.reproduce import DATASETS, ReproduceRun, run_reproduce
 
+    if args.paper == "dlg-batch":
+        from gradleak.experiments.reproduce_batch_cli import cmd_reproduce_batch
+
+        cmd_reproduce_batch(args, console)
+        return
     run = ReproduceRun(
         paper=args.paper,
-        datasets=DATASETS if args.all_datasets else (args.dataset,),
+        datasets=DATASETS if args.all_datasets else ((args.dataset,) if args.dataset else ()),
         nested=args.all_datasets,
         data_dir=args.data_dir,
-        experiments=args.experiments,
+        experiments=args.experiments or 1000,
         mode=args.mode,
         engine=args.engine,
         seed=args.seed,
-        out=args.out,
-        chunk=args.chunk,
+        out=args.out or "runs/reproduce-idlg",
+        chunk=args.chunk or 64,
         device=args.device,
         command=shlex.join(["gradleak", *args.argv]),
     )

@@ -1,0 +1,333 @@
+"""`gradleak reproduce dlg-batch`: DLG's Table 2 (iterations per batch size), resumable.
+
+Per batch size B and experiment e: a fresh uniform-init LeNet and B distinct
+random images; faithful DLG (learns the labels) and gradleak's improved
+variant (reads the label multiset, optimises the images in float64) attack
+the same mean gradient with the batched engine.  A batch counts as recovered
+when, after matching reconstructions to originals by optimal assignment,
+every image has MSE below 1e-3 and every matched label is right.
+
+Lines go to results.jsonl after every chunk (one per batch size, experiment,
+method); a rerun of the same command skips what is there.
+
+Seeds: ``SeedSequence([seed, dataset_id, B, e]).spawn(4)`` -> model init,
+image choice, DLG's dummy, the improved variant's dummy; nothing else
+(chunk size, order, resumes) changes an experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import gradleak
+from gradleak import metrics
+from gradleak.attacks import DLG, IDLG, GradientInversion
+from gradleak.data import ImageDataset, load_dataset
+from gradleak.errors import ConfigError, DataError
+from gradleak.experiments import reproduce_batch_report as report
+from gradleak.experiments.common import finite_or_none, resolve_device, use_cpu_threads
+from gradleak.experiments.reproduce_store import RESULTS, append_results, pin_run
+from gradleak.threat import observe
+from gradleak.types import Observation, Reconstruction
+
+__all__ = ["DATASETS", "METHODS", "BatchRun", "parse_batch_sizes", "run_reproduce_batch"]
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("cifar100", "mnist", "sample-cifar100")
+METHODS = ("dlg", "improved")
+MODEL = "lenet"
+RECOVERED_MSE = 1e-3
+SEEDING = (
+    "numpy SeedSequence([seed, dataset_id, batch_size, experiment]).spawn(4) -> model, "
+    "image choice, dlg, improved; dataset_id = position in " + ",".join(DATASETS)
+)
+
+# callback(batch size, experiments done, experiments asked for); an experiment
+# counts 1/len(methods) for each method finished.
+ProgressCallback = Callable[[int, float, int], None]
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``"1,2,4,8"`` -> ``(1, 2, 4, 8)``; anything else is a `ConfigError`."""
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(
+            f"--batch-sizes expects whole numbers 1 or more, e.g. 1,2,4,8; got {text!r}"
+        )
+    return tuple(dict.fromkeys(int(p) for p in parts))
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """One `gradleak reproduce dlg-batch` invocation.
+
+    Attributes:
+        batch_sizes: The batch sizes B to run.
+        experiments: Experiments per batch size.
+        dataset: "cifar100" (the paper's), "mnist" or "sample-cifar100".
+        data_dir: Folder with the dataset's files (None: the default).
+        methods: Which of "dlg" (faithful) and "improved" to run.
+        iterations: L-BFGS steps at most per attack.
+        seed: Fixes every random choice.
+        out: Output folder.
+        chunk: Victims attacked at once.
+        device: "auto", "cpu" or "cuda".
+        command: The command line, quoted in the report.
+    """
+
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    experiments: int = 100
+    dataset: str = "cifar100"
+    data_dir: str | None = None
+    methods: tuple[str, ...] = METHODS
+    iterations: int = 300
+    seed: int = 0
+    out: str = "runs/reproduce-dlg-batch"
+    chunk: int = 16
+    device: str = "auto"
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError("--batch-sizes must be whole numbers 1 or more")
+        if self.dataset not in DATASETS:
+            raise ConfigError(
+                f"unknown dataset '{self.dataset}': choose one of {', '.join(DATASETS)}"
+            )
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ConfigError(f"unknown method '{','.join(bad)}': choose from {', '.join(METHODS)}")
+        if min(self.experiments, self.chunk, self.iterations) < 1 or self.seed < 0:
+            raise ConfigError(
+                "--experiments, --chunk and --iterations must be 1 or more, --seed 0 or more"
+            )
+
+
+@dataclass(frozen=True)
+class BatchVictim:
+    """One experiment's private batch and the mean gradient it shared."""
+
+    batch_size: int
+    experiment: int
+    indices: tuple[int, ...]
+    images: torch.Tensor
+    labels: tuple[int, ...]
+    observation: Observation
+    attack_seeds: dict[str, int]
+
+
+def make_victim(
+    data: ImageDataset, run: BatchRun, batch_size: int, experiment: int, device: torch.device
+) -> BatchVictim:
+    """Experiment `experiment` at `batch_size`: fresh LeNet, B distinct images, their gradient."""
+    key = [run.seed, DATASETS.index(run.dataset), batch_size, experiment]
+    model_seed, index_seed, *attack = (
+        int(s.generate_state(1)[0]) for s in np.random.SeedSequence(key).spawn(4)
+    )
+    if batch_size > len(data):
+        raise ConfigError(
+            f"batch size {batch_size} is larger than the dataset ({len(data)} images)"
+        )
+    chosen = np.random.default_rng(index_seed).choice(len(data), batch_size, replace=False)
+    indices = tuple(int(i) for i in chosen)
+    pairs = [data[i] for i in indices]
+    images = torch.stack([image for image, _ in pairs])
+    labels = tuple(int(label) for _, label in pairs)
+    model = build_lenet(data, model_seed).to(device)
+    observation = observe(model, images.to(device), torch.tensor(labels, device=device))
+    return BatchVictim(
+        batch_size,
+        experiment,
+        indices,
+        images,
+        labels,
+        observation,
+        dict(zip(METHODS, attack, strict=True)),
+    )
+
+
+def build_lenet(data: ImageDataset, seed: int) -> torch.nn.Module:
+    """The iDLG-protocol LeNet (uniform [-0.5, 0.5] init) for `data`."""
+    from gradleak.models import build_model
+
+    return build_model(MODEL, input_shape=data.shape, num_classes=data.num_classes, seed=seed)
+
+
+def build_attacks(run: BatchRun) -> dict[str, GradientInversion]:
+    """Faithful DLG and the improved variant, both capped at `run.iterations` steps."""
+    return {
+        "dlg": DLG(iterations=run.iterations),
+        "improved": IDLG(improved=True, iterations=run.iterations),
+    }
+
+
+def result_row(
+    victim: BatchVictim, method: str, result: Reconstruction, seconds: float
+) -> dict[str, Any]:
+    """One line of results.jsonl, reconstructions matched to originals."""
+    permutation, mses = metrics.match_reconstructions(result.inputs.cpu(), victim.images)
+    predicted = [int(result.labels[j]) for j in permutation]
+    exact = predicted == list(victim.labels)
+    per_image = [finite_or_none(m) for m in mses]
+    return {
+        "batch_size": victim.batch_size,
+        "experiment": victim.experiment,
+        "method": method,
+        "image_indices": list(victim.indices),
+        "true_labels": list(victim.labels),
+        "predicted_labels": predicted,
+        "labels_exact": exact,
+        "per_image_mse": per_image,
+        "recovered": exact and all(m is not None and m < RECOVERED_MSE for m in per_image),
+        "iterations": result.steps,
+        "evaluations": result.evaluations,
+        "converged": result.converged,
+        "seconds": round(seconds, 4),
+    }
+
+
+def run_reproduce_batch(
+    run: BatchRun, *, callback: ProgressCallback | None = None
+) -> dict[str, Any]:
+    """Run (or resume) the reproduction; write results.jsonl, summary.json, plots, report.md.
+
+    Returns:
+        The summary, as written to summary.json.
+    """
+    started = time.perf_counter()
+    device = resolve_device(run.device)
+    use_cpu_threads(device)
+    data = load_dataset(run.dataset, data_dir=run.data_dir, download=None)
+    out = Path(run.out)
+    pin_run(out, _pinned(run, len(data)))
+    path = out / RESULTS
+    rows = read_rows(path)
+    done = {(r["batch_size"], r["experiment"], r["method"]) for r in rows}
+    attacks = build_attacks(run)
+
+    def summarise() -> dict[str, Any]:
+        context = _context(run, device, time.perf_counter() - started)
+        return report.summarise(rows, run.batch_sizes, run.experiments, run.methods, **context)
+
+    for size in run.batch_sizes:
+        pending = [
+            e for e in range(run.experiments) if any((size, e, m) not in done for m in run.methods)
+        ]
+        finished = float(run.experiments - len(pending))
+        if callback is not None:
+            callback(size, finished, run.experiments)
+        log.info("B=%d: %d of %d experiments to run", size, len(pending), run.experiments)
+        for start in range(0, len(pending), run.chunk):
+            victims = [
+                make_victim(data, run, size, e, device) for e in pending[start : start + run.chunk]
+            ]
+            for method in run.methods:
+                todo = [v for v in victims if (size, v.experiment, method) not in done]
+                outcomes = _attack(attacks[method], method, todo)
+                for victim, (result, _) in zip(todo, outcomes, strict=True):
+                    if victim.experiment == report.STRIP_EXPERIMENT:
+                        report.save_strip_batch(out, size, method, victim.images, result)
+                new = [
+                    result_row(v, method, r, s) for v, (r, s) in zip(todo, outcomes, strict=True)
+                ]
+                append_results(path, new)
+                rows.extend(new)
+                done.update((size, v.experiment, method) for v in todo)
+                finished += len(todo) / len(run.methods)
+                if callback is not None:
+                    callback(size, finished, run.experiments)
+            report.write_summary(out, summarise())
+    summary = summarise()
+    report.write_summary(out, summary)
+    report.write_report(out, summary)
+    return summary
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Read results.jsonl: a last line cut off by a kill is dropped (and rerun).
+
+    Like `reproduce_store.read_results`, but a line's key includes its batch size.
+
+    Raises:
+        DataError: A complete line is not a result line (the file was edited).
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        log.warning("%s: dropping a last line cut off mid-write (%d bytes)", path, len(data) - end)
+        os.truncate(path, end)
+    rows, seen = [], set()
+    for number, line in enumerate(data[:end].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            key = (int(row["batch_size"]), int(row["experiment"]), str(row["method"]))
+        except (ValueError, KeyError, TypeError):
+            raise DataError(
+                f"{path} line {number} is not a result line; use another --out"
+            ) from None
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    return rows
+
+
+def _attack(
+    attack: GradientInversion, method: str, victims: Sequence[BatchVictim]
+) -> list[tuple[Reconstruction, float]]:
+    """Attack the victims (one batch size) together; seconds are shared evenly."""
+    if not victims:
+        return []
+    from gradleak.attacks.engine import attack_batch
+
+    start = time.perf_counter()
+    results = attack_batch(
+        attack, [v.observation for v in victims], [v.attack_seeds[method] for v in victims]
+    )
+    share = (time.perf_counter() - start) / len(victims)
+    return [(result, share) for result in results]
+
+
+def _pinned(run: BatchRun, size: int) -> dict[str, Any]:
+    """run.json: fixed at the first start; a rerun must match its pinned keys."""
+    return {
+        "paper": "dlg-batch",
+        "dataset": run.dataset,
+        "mode": f"iterations={run.iterations}",
+        "seed": run.seed,
+        "model": MODEL,
+        "dataset_size": size,
+        "seeding": SEEDING,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": run.command,
+        "gradleak": gradleak.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def _context(run: BatchRun, device: torch.device, wall: float) -> dict[str, Any]:
+    return {
+        "dataset": run.dataset,
+        "iterations_cap": run.iterations,
+        "device": str(device),
+        "seed": run.seed,
+        "chunk": run.chunk,
+        "command": run.command,
+        "wall_seconds": round(wall, 3),
+        "torch": torch.__version__,
+        "gradleak": gradleak.__version__,
+    }
