@@ -149,6 +149,26 @@ def analytic_inputs(
     return None  # unreachable: the loop returns at depth 0
 
 
+def analytic_label_logits(
+    observation: Observation, *, sharpness: float = 30.0
+) -> torch.Tensor | None:
+    """Soft-label logits that start where the closed-form input was solved.
+
+    The last layer's bias gradient is ``softmax - onehot``: negated and
+    sharpened, its softmax is nearly the one-hot label.  Where DLG's dummy
+    input starts from the closed form (which read the label this way), its
+    dummy label starts consistent with it, rather than at random; otherwise
+    the first steps would drag the input away from the answer.  None where
+    the closed form does not apply.
+    """
+    chain = sigmoid_conv_chain(observation)
+    if chain is None or observation.batch_size != 1:
+        return None
+    names = list(observation.parameter_names)
+    bias_gradient = observation.gradients[names.index(chain.fc_bias)]
+    return -sharpness * bias_gradient.reshape(1, -1)
+
+
 def _logit(a: torch.Tensor) -> torch.Tensor:
     a = a.clamp(_EPS, 1 - _EPS)
     return torch.log(a) - torch.log1p(-a)

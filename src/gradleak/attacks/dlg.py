@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradleak.attacks.analytic import analytic_inputs
+from gradleak.attacks.analytic import analytic_inputs, analytic_label_logits
 from gradleak.attacks.labels import batch_labels, idlg_label
 from gradleak.attacks.matching import matching_loss
 from gradleak.errors import ConfigError
@@ -66,7 +66,9 @@ class AttackConfig:
             input that the gradient of a sigmoid conv net gives layer by layer
             (analytic.py; a single example of a supported model, else the
             usual draw), "none" from the draw, "auto" analytic when improved.
-            Restarts always start from a fresh draw.
+            DLG's dummy label then starts from the negated bias gradient
+            (nearly the one-hot label) to agree with it.  Restarts always
+            start from a fresh draw.
         precision: "float32", "float64", or "auto" (float64 when improved).
             The attacker is free to compute in higher precision than the
             client did; it makes L-BFGS's curvature pairs reliable at small
@@ -242,20 +244,20 @@ def _optimise(
     while True:
         # Draw on the CPU so that a seed means the same start on every device.
         x = config.initial_inputs(shape, generator).to(device, dtype)
+        label_logits = None
+        if labels is None:
+            label_logits = torch.randn(
+                (observation.batch_size, observation.num_classes), generator=generator
+            ).to(device, dtype)
         if state.restarts == 0 and config.analytic_start:
             warm = analytic_inputs([observation], labels, dtype=dtype)
             if warm is not None and bool(torch.isfinite(warm).all()):
                 x = warm.to(device, dtype)
-        x.requires_grad_(True)
-        label_logits = None
-        variables = [x]
-        if labels is None:
-            label_logits = (
-                torch.randn((observation.batch_size, observation.num_classes), generator=generator)
-                .to(device, dtype)
-                .requires_grad_(True)
-            )
-            variables.append(label_logits)
+                if label_logits is not None:
+                    label_logits = analytic_label_logits(observation).to(device, dtype)
+        variables = [x.requires_grad_(True)]
+        if label_logits is not None:
+            variables.append(label_logits.requires_grad_(True))
         optimiser = torch.optim.LBFGS(
             variables,
             lr=config.lr,

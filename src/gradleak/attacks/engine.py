@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gradleak.attacks.analytic import analytic_inputs
+from gradleak.attacks.analytic import analytic_inputs, analytic_label_logits
 from gradleak.attacks.dlg import AttackConfig, GradientInversion
 from gradleak.attacks.lbfgs import FaithfulLBFGS, RobustLBFGS
 from gradleak.attacks.objective import BatchedObjective
@@ -88,6 +88,10 @@ def attack_batch(
             usable = torch.isfinite(warm.flatten(1)).all(1)
             start = z0[:, : objective.input_size]
             z0[:, : objective.input_size] = torch.where(usable[:, None], warm.flatten(1), start)
+            if objective.learns_labels:
+                logits = torch.stack([analytic_label_logits(o).flatten() for o in observations])
+                rest = z0[:, objective.input_size :]
+                z0[:, objective.input_size :] = torch.where(usable[:, None], logits.to(rest), rest)
     if config.improved:
         _improved(attack, objective, victims, z0, labels, callback)
     else:
