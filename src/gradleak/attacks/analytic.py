@@ -154,8 +154,8 @@ def analytic_label_logits(
 ) -> torch.Tensor | None:
     """Soft-label logits that start where the closed-form input was solved.
 
-    The last layer's bias gradient is ``softmax - onehot``: negated and
-    sharpened, its softmax is nearly the one-hot label.  Where DLG's dummy
+    The last layer's bias gradient is ``softmax - onehot``: negated,
+    normalised and sharpened, its softmax is nearly the one-hot label.  Where DLG's dummy
     input starts from the closed form (which read the label this way), its
     dummy label starts consistent with it, rather than at random; otherwise
     the first steps would drag the input away from the answer.  None where
@@ -166,7 +166,10 @@ def analytic_label_logits(
         return None
     names = list(observation.parameter_names)
     bias_gradient = observation.gradients[names.index(chain.fc_bias)]
-    return -sharpness * bias_gradient.reshape(1, -1)
+    # Scaled so the label's logit is `sharpness` above zero however confident the
+    # model is (a confident model's whole bias gradient is tiny).
+    scale = bias_gradient.abs().amax().clamp_min(1e-30)
+    return -sharpness * bias_gradient.reshape(1, -1) / scale
 
 
 def _logit(a: torch.Tensor) -> torch.Tensor:
