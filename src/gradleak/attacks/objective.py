@@ -72,13 +72,20 @@ class BatchedObjective:
             for k, n in enumerate(names)
         }
         self._all_labels = labels
+        self._count = len(observations)
         self._function = vmap(grad_and_value(self._one, argnums=2))
         self.select(torch.arange(len(observations), device=self.device))
 
     def select(self, victims: torch.Tensor) -> None:
         """Restrict evaluation to these victims (finished ones leave the work)."""
-        self._params = {n: p[victims] for n, p in self._all_params.items()}
-        self._targets = {n: t[victims] for n, t in self._all_targets.items()}
+        everyone = len(victims) == self._count and bool(
+            (victims == torch.arange(self._count, device=victims.device)).all()
+        )
+        if everyone:  # no copies: a 5,749-class last layer is gigabytes per chunk
+            self._params, self._targets = self._all_params, self._all_targets
+        else:
+            self._params = {n: p[victims] for n, p in self._all_params.items()}
+            self._targets = {n: t[victims] for n, t in self._all_targets.items()}
         labels = self._all_labels
         self._labels = labels[victims] if labels is not None else victims  # placeholder for vmap
 
