@@ -219,9 +219,9 @@ def _solve_layer(
     """Least-squares input of one conv layer from its forward and weight-gradient equations.
 
     CGLS (conjugate gradients on the normal equations), one vmapped
-    iteration per loop pass so that the loop ends once every victim has
-    converged.  The weight-gradient rows are scaled by ``1 / max|delta|`` so
-    that both sets of equations weigh alike.
+    iteration per loop pass over the victims that have not converged yet.
+    The weight-gradient rows are scaled by ``1 / max|delta|`` so that both
+    sets of equations weigh alike.
     """
     scale = 1.0 / delta.flatten(1).abs().amax(1).clamp_min(1e-30)
 
@@ -248,20 +248,27 @@ def _solve_layer(
     s = pull_back(weight, delta, scale, r)
     p, gamma = s, s.flatten(1).pow(2).sum(1)
     floor = gamma * 1e-14
+    out = x.clone()
+    rows = torch.arange(len(weight), device=weight.device)  # the victims still iterating
     for _ in range(iterations):
         live = gamma > floor
-        if not bool(live.any()):
-            break
+        if not bool(live.all()):  # converged victims leave, so each costs only its own
+            out[rows[~live]] = x[~live]
+            keep = live.nonzero().flatten()
+            if keep.numel() == 0:
+                return out
+            rows, x, r, p, gamma, floor = (t[keep] for t in (rows, x, r, p, gamma, floor))
+            weight, delta, scale = weight[keep], delta[keep], scale[keep]
         q = apply(p, weight, delta, scale)
-        alpha = torch.where(live, gamma / q.pow(2).sum(1).clamp_min(1e-300), 0.0)
+        alpha = gamma / q.pow(2).sum(1).clamp_min(1e-300)
         x = x + _col(alpha, x) * p
         r = r - alpha[:, None] * q
         s = pull_back(weight, delta, scale, r)
         fresh = s.flatten(1).pow(2).sum(1)
-        beta = torch.where(live, fresh / gamma.clamp_min(1e-300), 0.0)
-        p = s + _col(beta, s) * p
-        gamma = torch.where(live, fresh, gamma)
-    return x
+        p = s + _col(fresh / gamma.clamp_min(1e-300), s) * p
+        gamma = fresh
+    out[rows] = x
+    return out
 
 
 def _solve_exact(

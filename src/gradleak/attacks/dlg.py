@@ -29,6 +29,11 @@ from gradleak.types import Observation, Reconstruction, Snapshot
 
 StepCallback = Callable[[int, float], None]
 
+# Steps without 10% progress after which a run from the closed-form start has
+# stalled: such a start converges at once or sits at the precision floor of the
+# shared gradient, where more line searches only shave digits.
+WARM_PATIENCE = 2
+
 
 @dataclass(frozen=True)
 class AttackConfig:
@@ -252,7 +257,7 @@ def _optimise(
         if state.restarts == 0 and config.analytic_start:
             warm = analytic_inputs([observation], labels, dtype=dtype)
             if warm is not None and bool(torch.isfinite(warm).all()):
-                x = warm.to(device, dtype)
+                x, state.warm = warm.to(device, dtype), True
                 if label_logits is not None:
                     label_logits = analytic_label_logits(observation).to(device, dtype)
         variables = [x.requires_grad_(True)]
@@ -274,15 +279,19 @@ def _optimise(
         run_labels = labels if labels is not None else logits_final.argmax(dim=-1)
         if best is None or _better(loss, best[0]):
             best = (loss, x_final, run_labels, state.snapshots)
+        # A stall after a closed-form start is final (see engine.py).
+        stalled_warm = outcome == "stalled" and state.restarts == 0 and state.warm
         retry = (
             config.improved
             and outcome in ("diverged", "stalled")
+            and not stalled_warm
             and state.restarts < config.max_restarts
             and state.steps < config.iterations
         )
         if not retry:
             break
         state.restarts += 1
+        state.warm = False
         state.snapshots = ()
 
     loss, x_best, labels_best, snapshots = best
@@ -305,6 +314,7 @@ class _Run:
     steps: int = 0
     evaluations: int = 0
     restarts: int = 0
+    warm: bool = False  # the first run started from the closed form
     history: list[float] = dataclasses.field(default_factory=list)
     snapshots: tuple[Snapshot, ...] = ()
 
@@ -354,7 +364,7 @@ def _run_steps(
                 best_recent, since_progress = loss, 0
             else:
                 since_progress += 1
-                if since_progress >= config.patience:
+                if since_progress >= (WARM_PATIENCE if state.warm else config.patience):
                     state.snapshots = tuple(snapshots)
                     return ("stalled" if loss > floor else "floor"), loss, before
     # Out of budget: the last step moved the point without evaluating it there.

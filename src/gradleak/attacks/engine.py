@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradleak.attacks.analytic import analytic_inputs, analytic_label_logits
-from gradleak.attacks.dlg import AttackConfig, GradientInversion
+from gradleak.attacks.dlg import WARM_PATIENCE, AttackConfig, GradientInversion
 from gradleak.attacks.lbfgs import FaithfulLBFGS, RobustLBFGS
 from gradleak.attacks.objective import BatchedObjective
 from gradleak.types import Observation, Reconstruction, Snapshot
@@ -40,6 +40,7 @@ class _Victim:
     restarts: int = 0
     best: tuple[float, torch.Tensor] | None = None
     result: Reconstruction | None = None
+    warm: bool = False  # started from the closed form (a stall there is final)
 
 
 def attack_batch(
@@ -86,6 +87,8 @@ def attack_batch(
         warm = analytic_inputs(observations, labels, dtype=config.dtype)
         if warm is not None:
             usable = torch.isfinite(warm.flatten(1)).all(1)
+            for victim, used in zip(victims, usable.tolist(), strict=True):
+                victim.warm = used
             start = z0[:, : objective.input_size]
             z0[:, : objective.input_size] = torch.where(usable[:, None], warm.flatten(1), start)
             if objective.learns_labels:
@@ -136,6 +139,11 @@ def _finish(
         restarts=victim.restarts,
         converged=math.isfinite(loss) and loss < tolerance,
     )
+
+
+def cold_rows(victims: list[_Victim], rows: torch.Tensor) -> torch.Tensor:
+    """Which rows did not start from the closed form."""
+    return torch.tensor([not victims[r].warm for r in rows.tolist()], device=rows.device)
 
 
 def _better(candidate: float, than: float) -> bool:
@@ -236,11 +244,15 @@ def _improved(
         best_recent = torch.where(improved, current, best_recent)
         since = torch.where(improved, 0, torch.where(moved, since + 1, since))
         converged = moved & (current < tolerance)
-        stalled = moved & (since >= patience)
+        warm = ~cold_rows(victims, rows)
+        stalled = moved & (since >= torch.where(warm, WARM_PATIENCE * per_step, patience))
         out = total >= budget
         evals_out = torch.tensor([victims[r].evaluations for r in rows.tolist()]) >= 3 * budget
         diverged = moved & ~torch.isfinite(current)
-        restart = (diverged | (stalled & (current > floor))) & ~converged & ~out
+        # A run that stalls after a closed-form start stops there: the start was
+        # the answer up to what the shared gradient's precision allows, and a
+        # random restart would only land further away.
+        restart = (diverged | (stalled & (current > floor) & ~warm)) & ~converged & ~out
         done = converged | out | evals_out.to(out.device) | (stalled & ~restart)
         boundary = moved & (optimiser.iterations % per_step == 0)
         for i in (boundary | done | restart).nonzero().flatten().tolist():
@@ -263,6 +275,7 @@ def _improved(
                 if victim.best is None or _better(value, victim.best[0]):
                     victim.best = (value, optimiser.z[i].clone())
                 victim.restarts += 1
+                victim.warm = False
                 victim.snapshots.clear()
                 fresh = _draw(objective, config, victim.generator).to(z0.device, z0.dtype)
                 mask = torch.zeros_like(done)
