@@ -39,6 +39,7 @@ from gradleak.experiments.reproduce_store import (
     pin_run,
     read_results,
 )
+from gradleak.models import build_model
 from gradleak.types import Reconstruction
 
 __all__ = ["DATASETS", "ENGINES", "METHODS", "MODES", "ReproduceRun", "run_reproduce"]
@@ -150,10 +151,12 @@ def _reproduce_dataset(
     pending = [e for e in range(total) if any((e, m) not in done for m in METHODS)]
     log.info("%s: %d of %d experiments to run", dataset, len(pending), total)
     progress()
-    for start in range(0, len(pending), run.chunk):
+    chunk = _fitting_chunk(run.chunk, data.shape, data.num_classes)
+    if chunk < run.chunk:
+        log.info("%s: %d victims at a time (memory; --chunk %d)", dataset, chunk, run.chunk)
+    for start in range(0, len(pending), chunk):
         victims = [
-            make_victim(data, dataset, run.seed, e, device)
-            for e in pending[start : start + run.chunk]
+            make_victim(data, dataset, run.seed, e, device) for e in pending[start : start + chunk]
         ]
         for method in METHODS:
             todo = [v for v in victims if (v.experiment, method) not in done]
@@ -220,6 +223,23 @@ def _attack(
     share = (time.perf_counter() - start) / len(victims)
     on_progress(len(victims))
     return [(result, share) for result in results]
+
+
+# Memory the batched engine may use for one chunk; a victim costs about 20
+# float64 copies of the model's parameters (its weights, the shared gradient,
+# the replayed gradient and what differentiating it again keeps).
+CHUNK_MEMORY = 6 * 2**30
+
+
+def _fitting_chunk(chunk: int, input_shape: tuple[int, ...], num_classes: int) -> int:
+    """At most `chunk` victims, and no more than fit in CHUNK_MEMORY.
+
+    LeNet's last layer dominates for many classes: LFW's 5,749 people make
+    each victim about 0.7 GB, and a chunk of 32 ran out of 24 GB.
+    """
+    probe = build_model(MODEL, input_shape=input_shape, num_classes=num_classes, seed=0)
+    per_victim = 20 * 8 * sum(p.numel() for p in probe.parameters())
+    return max(1, min(chunk, CHUNK_MEMORY // per_victim))
 
 
 def _pinned(run: ReproduceRun, dataset: str, size: int) -> dict[str, Any]:
