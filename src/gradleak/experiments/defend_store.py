@@ -9,15 +9,13 @@ line cut off by a kill is dropped on the next start and its work redone.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from gradleak.errors import ConfigError, DataError
-from gradleak.experiments.reproduce_store import append_results, pin_run
+from gradleak.errors import ConfigError
+from gradleak.experiments.reproduce_store import append_results, pin_run, read_results
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +52,18 @@ class Store:
 
     def rows(self) -> list[dict[str, Any]]:
         """Every attack line, the first of any duplicate key kept."""
-        return list(_unique(_read(self.results), _attack_key).values())
+        return read_results(self.results, key=_attack_key)
 
     def done(self) -> set[AttackKey]:
         """Keys of the attacks already written."""
-        return set(_unique(_read(self.results), _attack_key))
+        return {_attack_key(row) for row in read_results(self.results, key=_attack_key)}
 
     def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
         append_results(self.results, rows)
 
     def costs(self) -> dict[Config, dict[str, Any]]:
         """The training result of every (defense, strength) written so far."""
-        return _unique(_read(self.accuracy), lambda r: (r["defense"], r["strength"]))
+        return {_config_key(r): r for r in read_results(self.accuracy, key=_config_key)}
 
     def append_cost(self, config: Config, cost: Any) -> dict[str, Any]:
         """Write one training result; returns its line as a dict."""
@@ -79,33 +77,5 @@ def _attack_key(row: Mapping[str, Any]) -> AttackKey:
     return (row["defense"], row["strength"], int(row["experiment"]), row["method"])
 
 
-def _unique(rows: list[dict[str, Any]], key: Any) -> dict[Any, dict[str, Any]]:
-    kept: dict[Any, dict[str, Any]] = {}
-    for row in rows:
-        kept.setdefault(key(row), row)
-    return kept
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    """JSON lines of `path`, repairing a last line that a kill cut short."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        log.warning("%s: dropping a last line cut off mid-write (%d bytes)", path, len(data) - end)
-        os.truncate(path, end)
-    rows = []
-    for number, line in enumerate(data[:end].splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or "defense" not in row or "strength" not in row:
-                raise ValueError
-        except ValueError:
-            raise DataError(
-                f"{path} line {number} is not a result line; fix it or use another --out"
-            ) from None
-        rows.append(row)
-    return rows
+def _config_key(row: Mapping[str, Any]) -> Config:
+    return (row["defense"], row["strength"])

@@ -17,9 +17,7 @@ image choice, DLG's dummy, the improved variant's dummy; nothing else
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,10 +31,10 @@ import gradleak
 from gradleak import metrics
 from gradleak.attacks import DLG, IDLG, GradientInversion
 from gradleak.data import ImageDataset, load_dataset
-from gradleak.errors import ConfigError, DataError
+from gradleak.errors import ConfigError
 from gradleak.experiments import reproduce_batch_report as report
 from gradleak.experiments.common import finite_or_none, resolve_device, use_cpu_threads
-from gradleak.experiments.reproduce_store import RESULTS, append_results, pin_run
+from gradleak.experiments.reproduce_store import RESULTS, append_results, pin_run, read_results
 from gradleak.threat import observe
 from gradleak.types import Observation, Reconstruction
 
@@ -255,35 +253,14 @@ def run_reproduce_batch(
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Read results.jsonl: a last line cut off by a kill is dropped (and rerun).
-
-    Like `reproduce_store.read_results`, but a line's key includes its batch size.
+    """Read results.jsonl; unlike `reproduce_idlg`'s, a line's key includes its batch size.
 
     Raises:
         DataError: A complete line is not a result line (the file was edited).
     """
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        log.warning("%s: dropping a last line cut off mid-write (%d bytes)", path, len(data) - end)
-        os.truncate(path, end)
-    rows, seen = [], set()
-    for number, line in enumerate(data[:end].splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            key = (int(row["batch_size"]), int(row["experiment"]), str(row["method"]))
-        except (ValueError, KeyError, TypeError):
-            raise DataError(
-                f"{path} line {number} is not a result line; use another --out"
-            ) from None
-        if key not in seen:
-            seen.add(key)
-            rows.append(row)
-    return rows
+    return read_results(
+        path, key=lambda r: (int(r["batch_size"]), int(r["experiment"]), str(r["method"]))
+    )
 
 
 def _attack(

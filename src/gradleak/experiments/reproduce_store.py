@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,20 @@ RUN = "run.json"
 PINNED = ("paper", "dataset", "mode", "seed", "model", "dataset_size")
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """Read results.jsonl, repairing a last line that a kill cut short.
+def _experiment_method(row: Mapping[str, Any]) -> Hashable:
+    return int(row["experiment"]), str(row["method"])
+
+
+def read_results(
+    path: Path, key: Callable[[Mapping[str, Any]], Hashable] = _experiment_method
+) -> list[dict[str, Any]]:
+    """Read a results file of JSON lines, repairing a last line that a kill cut short.
 
     A line without its final newline was being written when the process died:
     it is cut off the file (so that the next append starts on a fresh line)
-    and its attack is run again.  Duplicate (experiment, method) pairs keep
-    the first line, though the writer never produces them.
+    and its attack is run again.  Lines are identified by `key` (by default
+    experiment and method); a duplicate keeps the first line, though the
+    writers never produce one.  A line `key` cannot read is not a result line.
 
     Raises:
         DataError: A complete line in the middle is not valid JSON (the file
@@ -49,19 +56,19 @@ def read_results(path: Path) -> list[dict[str, Any]]:
         log.warning("%s: dropping a last line cut off mid-write (%d bytes)", path, len(data) - end)
         os.truncate(path, end)
     rows: list[dict[str, Any]] = []
-    seen: set[tuple[int, str]] = set()
+    seen: set[Hashable] = set()
     for number, line in enumerate(data[:end].splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            key = (int(row["experiment"]), str(row["method"]))
+            identity = key(row)
         except (ValueError, KeyError, TypeError):
             raise DataError(
                 f"{path} line {number} is not a result line; fix it or use another --out"
             ) from None
-        if key not in seen:
-            seen.add(key)
+        if identity not in seen:
+            seen.add(identity)
             rows.append(row)
     return rows
 
