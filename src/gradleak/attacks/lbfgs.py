@@ -36,14 +36,15 @@ class _Memory:
 
     def __init__(self, n: int, size: int, history: int, like: torch.Tensor) -> None:
         self.history = history
-        self.s = like.new_zeros(n, history, size)
-        self.y = like.new_zeros(n, history, size)
-        self.sy = like.new_zeros(n, history, history)  # sy[i, j] = s_i . y_j (slots)
-        self.yy = like.new_zeros(n, history, history)
+        # One buffer for both kinds of pair vector, so that every product with
+        # them is one batched matrix product: rows [0, m) hold s, [m, 2m) y.
+        self.vectors = like.new_zeros(n, 2 * history, size)
+        # products[:, 0, i, j] = s_i . y_j and products[:, 1, i, j] = y_i . y_j (slots).
+        self.products = like.new_zeros(n, 2, history, history)
         self.count = torch.zeros(n, dtype=torch.long, device=like.device)
         self.head = torch.zeros(n, dtype=torch.long, device=like.device)
 
-    _rows = ("s", "y", "sy", "yy", "count", "head")
+    _rows = ("vectors", "products", "count", "head")
 
     def keep(self, rows: torch.Tensor) -> None:
         _keep_rows(self, rows, self._rows)
@@ -61,31 +62,38 @@ class _Memory:
         rows = mask.nonzero().flatten()
         if rows.numel() == 0:
             return
+        m = self.history
         slot = self.head[rows]
-        self.s[rows, slot] = s[rows]
-        self.y[rows, slot] = y[rows]
-        # Products over the whole buffers (no copies of them), kept for `rows` only.
-        with_y = _dots(torch.stack((s, y), dim=1), self.y)[rows]  # (rows, 2, m)
-        with_s = _dots(y.unsqueeze(1), self.s)[rows, 0]
-        self.sy[rows, slot] = with_y[:, 0]  # s_new . y_j
-        self.sy[rows, :, slot] = with_s  # s_i . y_new
-        self.yy[rows, slot] = with_y[:, 1]
-        self.yy[rows, :, slot] = with_y[:, 1]
-        self.head[rows] = (slot + 1) % self.history
-        self.count[rows] = torch.clamp(self.count[rows] + 1, max=self.history)
+        self.vectors[rows, slot] = s[rows]
+        self.vectors[rows, m + slot] = y[rows]
+        # (s; y) against every stored s and y, over the whole buffer (no copy
+        # of it), kept for `rows` only: s.S, s.Y, y.S, y.Y.
+        dots = _dots(torch.stack((s, y), dim=1), self.vectors)[rows]  # (rows, 2, 2m)
+        sy, yy = self.products[:, 0], self.products[:, 1]
+        sy[rows, slot] = dots[:, 0, m:]  # s_new . y_j
+        sy[rows, :, slot] = dots[:, 1, :m]  # s_i . y_new
+        yy[rows, slot] = dots[:, 1, m:]
+        yy[rows, :, slot] = dots[:, 1, m:]
+        self.head[rows] = (slot + 1) % m
+        self.count[rows] = torch.clamp(self.count[rows] + 1, max=m)
 
     def direction(self, g: torch.Tensor, h_diag: torch.Tensor) -> torch.Tensor:
         """``-H g`` per problem, H the L-BFGS inverse-Hessian approximation."""
-        m = self.history
+        n, m = g.shape[0], self.history
         order = torch.arange(m, device=g.device)
         # Logical position j (0 = oldest) lives in slot (head - count + j) mod m.
         slots = (self.head - self.count)[:, None].add(order) % m
         valid = order[None, :] < self.count[:, None]
         pair = valid[:, :, None] & valid[:, None, :]
-        sy = _take2(self.sy, slots) * pair
-        yy = _take2(self.yy, slots) * pair
-        u = torch.gather(_dots(g.unsqueeze(1), self.s)[:, 0], 1, slots) * valid
-        w = torch.gather(_dots(g.unsqueeze(1), self.y)[:, 0], 1, slots) * valid
+        # Both product matrices reordered to logical positions in one gather.
+        flat = (slots[:, :, None] * m + slots[:, None, :]).reshape(n, 1, m * m)
+        both = torch.gather(self.products.flatten(2), 2, flat.expand(n, 2, m * m))
+        both = both.reshape(n, 2, m, m) * pair[:, None]
+        sy, yy = both[:, 0], both[:, 1]
+        uw = torch.gather(
+            _dots(g.unsqueeze(1), self.vectors)[:, 0], 1, torch.cat((slots, slots + m), 1)
+        )
+        u, w = uw[:, :m] * valid, uw[:, m:] * valid  # g . s_j and g . y_j
         gamma = h_diag[:, None]
         # R: upper triangle of S^T Y; unused positions get a unit diagonal.
         r = torch.triu(sy) + torch.diag_embed((~valid).to(g.dtype))
@@ -97,13 +105,10 @@ class _Memory:
         ).squeeze(-1)
         bottom = -r_inv_u.squeeze(-1)
         # Back from logical positions to slots, then H g = gamma g + S top + gamma Y bottom.
-        top_slots = torch.zeros_like(top).scatter_(1, slots, top * valid)
-        bottom_slots = torch.zeros_like(bottom).scatter_(1, slots, bottom * valid)
-        hg = (
-            gamma * g
-            + torch.bmm(top_slots.unsqueeze(1), self.s).squeeze(1)
-            + gamma * torch.bmm(bottom_slots.unsqueeze(1), self.y).squeeze(1)
+        coefficients = torch.zeros(n, 2 * m, dtype=g.dtype, device=g.device).scatter_(
+            1, torch.cat((slots, slots + m), 1), torch.cat((top * valid, gamma * bottom * valid), 1)
         )
+        hg = gamma * g + torch.bmm(coefficients.unsqueeze(1), self.vectors).squeeze(1)
         return -hg
 
 
@@ -126,13 +131,6 @@ def _dots(vectors: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     times faster than the equivalent matrix-times-vector bmm.
     """
     return torch.bmm(vectors, buffer.transpose(1, 2))
-
-
-def _take2(matrix: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``matrix[b][slots[b]][:, slots[b]]`` for every problem b."""
-    m = slots.shape[1]
-    rows = torch.gather(matrix, 1, slots[:, :, None].expand(-1, -1, m))
-    return torch.gather(rows, 2, slots[:, None, :].expand(-1, m, -1))
 
 
 class FaithfulLBFGS:

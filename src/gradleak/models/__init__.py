@@ -17,6 +17,9 @@ MODELS: dict[str, ModelFactory] = {
     "lenet": lambda input_shape, num_classes, generator: LeNet(
         input_shape, num_classes, generator=generator
     ),
+    "lenet-dlg": lambda input_shape, num_classes, generator: LeNet(
+        input_shape, num_classes, strides=(1, 1, 1), generator=generator
+    ),
     "resnet20": lambda input_shape, num_classes, generator: CifarResNet(
         20, input_shape, num_classes, generator=generator
     ),
@@ -37,7 +40,7 @@ def build_model(
     """Build a fresh, randomly initialised model by name.
 
     Args:
-        name: One of `MODELS` ("lenet", "resnet20", "resnet56").
+        name: One of `MODELS` ("lenet", "lenet-dlg", "resnet20", "resnet56").
         input_shape: ``(channels, height, width)`` of one example.
         num_classes: Number of output logits.
         seed: Seed for the init; ignored when `generator` is given.
