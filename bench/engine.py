@@ -76,6 +76,7 @@ def main() -> None:
         "--skip-cold", action="store_true", help="leave out improved without the warm start"
     )
     parser.add_argument("--improved-only", action="store_true", help="profile improved mode")
+    parser.add_argument("--faithful-only", action="store_true", help="profile faithful mode")
     # speed: relative to faithful mode on the sequential engine (the paper's setting).
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,6 +88,8 @@ def main() -> None:
         paths = paths[:-1]
     if args.improved_only:
         paths = [("improved", "sequential"), ("improved", "batched")]
+    if args.faithful_only:
+        paths = paths[:2]
     for mode, path in paths:
         seconds, share, evaluations = run(path, mode, observations, images, args.width)
         rows.append((mode, path, seconds, share, evaluations))

@@ -21,7 +21,10 @@ from gradleak.experiments.reproduce_batch import (
 )
 from gradleak.types import Reconstruction
 
-BASE = ("--dataset", "sample-cifar100", "--iterations", "3", "--batch-sizes", "1,2")
+# iDLG's strided LeNet keeps these runs short (DLG's stride-free default is
+# tested for recovery in test_batch.py).
+BASE = ("--dataset", "sample-cifar100", "--model", "lenet", "--iterations", "3",
+        "--batch-sizes", "1,2")  # fmt: skip
 
 
 def cli(*args: str) -> int:
@@ -72,6 +75,7 @@ def test_run_writes_every_file_and_the_summary_agrees(small_run: Path) -> None:
             assert stats["recovered"] == sum(r["recovered"] for r in mine)
     report = (small_run / "report.md").read_text()
     assert "--experiments 2" in report and "| 2 | 600 |" in report and "wall time" in report
+    assert summary["model"] == "lenet" and "strides 2, 2, 1" in report
     for png in ("iterations.png", "strip.png"):
         assert (small_run / png).read_bytes().startswith(b"\x89PNG")
 
@@ -139,6 +143,7 @@ BAD = {
     "unknown dataset": (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     "missing data dir": (["--dataset", "cifar100", "--data-dir", "{tmp}/none"], "cifar100"),
     "unknown method": (["--methods", "dlg,foo"], "unknown method 'foo'"),
+    "unknown model": (["--model", "vgg"], "unknown model 'vgg'"),
     "idlg-only option": (["--all-datasets"], "--all-datasets"),
 }
 

@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="attack the mean gradient of these images, e.g. 3,17,42 (instead of --index)",
     )
-    attack.add_argument("--model", default="lenet", help="lenet (default), resnet20, resnet56")
+    attack.add_argument(
+        "--model", default="lenet", help="lenet (default), lenet-dlg, resnet20, resnet56"
+    )
     attack.add_argument("--iterations", type=_positive_int, default=300, help="L-BFGS steps (300)")
     attack.add_argument("--seed", type=int, default=0, help="seed of model and dummy init (0)")
     attack.add_argument(
@@ -159,6 +161,11 @@ def _add_reproduce(commands: argparse._SubParsersAction) -> None:
     batch = reproduce.add_argument_group("dlg-batch only")
     batch.add_argument("--batch-sizes", default="1,2,4,8", help="batch sizes (1,2,4,8)")
     batch.add_argument("--methods", default="dlg,improved", help="dlg,improved (both)")
+    batch.add_argument(
+        "--model",
+        default="lenet-dlg",
+        help="lenet-dlg (DLG's stride-free LeNet, default), lenet (iDLG's), resnet20, resnet56",
+    )
     batch.add_argument(
         "--iterations", type=_positive_int, default=300, help="L-BFGS steps at most (300)"
     )

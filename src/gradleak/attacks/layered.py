@@ -11,9 +11,10 @@ flatten, linear layers: the papers' LeNet) this module writes the same
 objective with every victim's weights stacked on a leading axis: a
 convolution is an unfold followed by a batched matrix product, a linear layer
 a batched matrix product, and ordinary autograd differentiates twice.  At one
-to a few victims it runs 2-3 times faster than the vmapped call; at dozens
-the vmapped grouped convolutions win again.  Both compute the same numbers
-(tests compare them).
+to a few LeNet victims it runs 2-3 times faster than the vmapped call; with
+dozens of victims, or one victim of a wide net (DLG's stride-free LeNet), the
+unfolded patches grow large and the vmapped grouped convolutions win.  Both
+compute the same numbers (tests compare them).
 """
 
 from __future__ import annotations
@@ -156,6 +157,27 @@ def stacked_forward(
         else:
             h = layer.activation(h)  # type: ignore[misc]
     return h
+
+
+def unfolded_size(
+    layers: Sequence[Layer], params: dict[str, torch.Tensor], input_shape: tuple[int, ...]
+) -> int:
+    """Entries of the unfolded patch matrices of one example, summed over conv layers.
+
+    The stacked path's cost grows with this number; `params` may be stacked
+    ``(V, ...)`` or not, only the trailing shapes matter.
+    """
+    total, shape = 0, tuple(input_shape)
+    for layer in layers:
+        if layer.kind != "conv":
+            continue
+        weight = params[layer.weight]  # type: ignore[index]
+        out_channels, channels, kh, kw = weight.shape[-4:]
+        rows = (shape[-2] + 2 * layer.padding[0] - kh) // layer.stride[0] + 1
+        cols = (shape[-1] + 2 * layer.padding[1] - kw) // layer.stride[1] + 1
+        total += channels * kh * kw * rows * cols
+        shape = (out_channels, rows, cols)
+    return total
 
 
 def stacked_matching(

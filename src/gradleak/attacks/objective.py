@@ -20,14 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from gradleak.attacks.layered import plain_layers, stacked_matching
+from gradleak.attacks.layered import plain_layers, stacked_matching, unfolded_size
 from gradleak.attacks.matching import soft_label_cross_entropy
 from gradleak.errors import AttackNotApplicable
 from gradleak.types import Observation
 
-# Up to this many victims per call, a plain net is evaluated without vmap
-# (measured crossover on the 2-core CPU: about 32-64 LeNet victims).
-STACKED_UP_TO = 32
+# A plain net is evaluated without vmap while the call's unfolded patches
+# (victims x examples x `unfolded_size`) stay within this many entries.
+# Measured on the 2-core CPU, one thread: the stacked path is faster up to
+# about 32 MNIST or 8-16 CIFAR-100 LeNet victims (34k and 58k entries per
+# example); one stride-free CIFAR LeNet example (691k) is faster vmapped,
+# hence also a cap per example.
+STACKED_BUDGET = 1_000_000
+STACKED_PER_EXAMPLE = 200_000
 
 
 class BatchedObjective:
@@ -83,6 +88,11 @@ class BatchedObjective:
         self._count = len(observations)
         self._function = vmap(grad_and_value(self._one, argnums=2))
         self._layers = plain_layers(first.model)
+        self._unfolded = None  # entries per victim, where the stacked path applies
+        if self._layers is not None:
+            per_example = unfolded_size(self._layers, self._all_params, self.input_shape)
+            if per_example <= STACKED_PER_EXAMPLE:
+                self._unfolded = self.batch_size * per_example
         self.select(torch.arange(len(observations), device=self.device))
 
     def select(self, victims: torch.Tensor) -> None:
@@ -100,7 +110,7 @@ class BatchedObjective:
 
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Losses ``(V,)`` and their gradients ``(V, size)`` at the points ``z``."""
-        if self._layers is not None and len(z) <= STACKED_UP_TO:
+        if self._unfolded is not None and len(z) * self._unfolded <= STACKED_BUDGET:
             return stacked_matching(
                 self._layers, self._params, self._targets, z,
                 None if self.learns_labels else self._labels,

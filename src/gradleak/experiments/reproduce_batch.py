@@ -1,8 +1,9 @@
 """`gradleak reproduce dlg-batch`: DLG's Table 2 (iterations per batch size), resumable.
 
-Per batch size B and experiment e: a fresh uniform-init LeNet and B distinct
-random images; faithful DLG (learns the labels) and gradleak's improved
-variant (reads the label multiset, optimises the images in float64) attack
+Per batch size B and experiment e: a fresh uniform-init model (by default
+DLG's own LeNet, strides removed: "lenet-dlg") and B distinct random images;
+faithful DLG (learns the labels) and gradleak's improved variant (reads the label
+multiset, optimises the images in float64) attack
 the same mean gradient with the batched engine.  A batch counts as recovered
 when, after matching reconstructions to originals by optimal assignment,
 every image has MSE below 1e-3 and every matched label is right.
@@ -44,7 +45,9 @@ log = logging.getLogger(__name__)
 
 DATASETS = ("cifar100", "mnist", "sample-cifar100")
 METHODS = ("dlg", "improved")
-MODEL = "lenet"
+# DLG's model has its strides removed; iDLG's strided LeNet ("lenet") gives
+# the attack too few equations to pin down a CIFAR batch (see the README).
+MODELS = ("lenet-dlg", "lenet", "resnet20", "resnet56")
 RECOVERED_MSE = 1e-3
 SEEDING = (
     "numpy SeedSequence([seed, dataset_id, batch_size, experiment]).spawn(4) -> model, "
@@ -74,6 +77,9 @@ class BatchRun:
         batch_sizes: The batch sizes B to run.
         experiments: Experiments per batch size.
         dataset: "cifar100" (the paper's), "mnist" or "sample-cifar100".
+        model: One of `MODELS`; DLG's stride-free LeNet by default.  The
+            ResNets have BatchNorm, which the batched engine cannot vmap:
+            they are attacked one victim at a time.
         data_dir: Folder with the dataset's files (None: the default).
         methods: Which of "dlg" (faithful) and "improved" to run.
         iterations: L-BFGS steps at most per attack.
@@ -87,6 +93,7 @@ class BatchRun:
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
     experiments: int = 100
     dataset: str = "cifar100"
+    model: str = MODELS[0]
     data_dir: str | None = None
     methods: tuple[str, ...] = METHODS
     iterations: int = 300
@@ -103,6 +110,8 @@ class BatchRun:
             raise ConfigError(
                 f"unknown dataset '{self.dataset}': choose one of {', '.join(DATASETS)}"
             )
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model '{self.model}': choose one of {', '.join(MODELS)}")
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ConfigError(f"unknown method '{','.join(bad)}': choose from {', '.join(METHODS)}")
@@ -128,7 +137,7 @@ class BatchVictim:
 def make_victim(
     data: ImageDataset, run: BatchRun, batch_size: int, experiment: int, device: torch.device
 ) -> BatchVictim:
-    """Experiment `experiment` at `batch_size`: fresh LeNet, B distinct images, their gradient."""
+    """Experiment `experiment` at `batch_size`: a fresh model, B distinct images, their gradient."""
     key = [run.seed, DATASETS.index(run.dataset), batch_size, experiment]
     model_seed, index_seed, *attack = (
         int(s.generate_state(1)[0]) for s in np.random.SeedSequence(key).spawn(4)
@@ -142,7 +151,7 @@ def make_victim(
     pairs = [data[i] for i in indices]
     images = torch.stack([image for image, _ in pairs])
     labels = tuple(int(label) for _, label in pairs)
-    model = build_lenet(data, model_seed).to(device)
+    model = build_victim_model(run.model, data, model_seed).to(device)
     observation = observe(model, images.to(device), torch.tensor(labels, device=device))
     return BatchVictim(
         batch_size,
@@ -155,11 +164,11 @@ def make_victim(
     )
 
 
-def build_lenet(data: ImageDataset, seed: int) -> torch.nn.Module:
-    """The iDLG-protocol LeNet (uniform [-0.5, 0.5] init) for `data`."""
+def build_victim_model(name: str, data: ImageDataset, seed: int) -> torch.nn.Module:
+    """A fresh model `name` for `data` (LeNets: uniform [-0.5, 0.5] init)."""
     from gradleak.models import build_model
 
-    return build_model(MODEL, input_shape=data.shape, num_classes=data.num_classes, seed=seed)
+    return build_model(name, input_shape=data.shape, num_classes=data.num_classes, seed=seed)
 
 
 def build_attacks(run: BatchRun) -> dict[str, GradientInversion]:
@@ -266,15 +275,22 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 def _attack(
     attack: GradientInversion, method: str, victims: Sequence[BatchVictim]
 ) -> list[tuple[Reconstruction, float]]:
-    """Attack the victims (one batch size) together; seconds are shared evenly."""
+    """Attack the victims (one batch size) together; seconds are shared evenly.
+
+    Models with buffers (BatchNorm) cannot be vmapped: their victims go
+    through the sequential engine, one after another.
+    """
     if not victims:
         return []
     from gradleak.attacks.engine import attack_batch
 
     start = time.perf_counter()
-    results = attack_batch(
-        attack, [v.observation for v in victims], [v.attack_seeds[method] for v in victims]
-    )
+    observations = [v.observation for v in victims]
+    seeds = [v.attack_seeds[method] for v in victims]
+    if any(True for _ in observations[0].model.buffers()):
+        results = [attack(o, seed=s) for o, s in zip(observations, seeds, strict=True)]
+    else:
+        results = attack_batch(attack, observations, seeds)
     share = (time.perf_counter() - start) / len(victims)
     return [(result, share) for result in results]
 
@@ -286,7 +302,7 @@ def _pinned(run: BatchRun, size: int) -> dict[str, Any]:
         "dataset": run.dataset,
         "mode": f"iterations={run.iterations}",
         "seed": run.seed,
-        "model": MODEL,
+        "model": run.model,
         "dataset_size": size,
         "seeding": SEEDING,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -299,6 +315,7 @@ def _pinned(run: BatchRun, size: int) -> dict[str, Any]:
 def _context(run: BatchRun, device: torch.device, wall: float) -> dict[str, Any]:
     return {
         "dataset": run.dataset,
+        "model": run.model,
         "iterations_cap": run.iterations,
         "device": str(device),
         "seed": run.seed,

@@ -38,6 +38,7 @@ def cmd_reproduce_batch(args: argparse.Namespace, console: Console) -> None:
         batch_sizes=parse_batch_sizes(args.batch_sizes),
         experiments=args.experiments or 100,
         dataset=args.dataset or "cifar100",
+        model=args.model,
         data_dir=args.data_dir,
         methods=tuple(m.strip() for m in args.methods.split(",")),
         iterations=args.iterations,

@@ -151,7 +151,8 @@ def write_report(out: Path, summary: Mapping[str, Any]) -> None:
         "# DLG reproduction: batches (Table 2)",
         "",
         f"- command: `{summary['command']}`",
-        f"- dataset {summary['dataset']}, LeNet (uniform init, fresh per experiment), "
+        f"- dataset {summary['dataset']}, model {_model(summary.get('model', 'lenet'))} "
+        "(fresh per experiment), "
         f"N = {summary['experiments']} per batch size, at most {summary['iterations_cap']} "
         f"L-BFGS steps, device {summary['device']}, seed {summary['seed']}, batched engine",
         f"- recovered: {summary['recovered_if']}",
@@ -185,6 +186,13 @@ def write_report(out: Path, summary: Mapping[str, Any]) -> None:
 
 def _pct(share: float | None) -> str:
     return "n/a" if share is None else f"{100 * share:.1f}%"
+
+
+def _model(name: str) -> str:
+    return {
+        "lenet-dlg": "lenet-dlg (DLG's LeNet: strides removed, uniform init)",
+        "lenet": "lenet (iDLG's LeNet: strides 2, 2, 1, uniform init)",
+    }.get(name, name)
 
 
 def _num(value: float | int | None, spec: str) -> str:

@@ -4,8 +4,9 @@ Three 5x5 convolutions with 12 channels (padding 2), a Sigmoid after each, and
 one Linear layer.  iDLG's protocol uses strides 2, 2, 1; DLG's paper says its
 model has the strides removed (``strides=(1, 1, 1)``, model "lenet-dlg"), which
 keeps every layer as wide as the image and gives the attack far more equations
-per example; that is what makes batches identifiable (see the README).  Sigmoid instead of ReLU because the attack
-differentiates the gradient again: the model must be twice differentiable.
+per example; that is what makes batches identifiable (see the README).
+Sigmoid instead of ReLU because the attack differentiates the gradient again:
+the model must be twice differentiable.
 Every weight and bias starts uniform in [-0.5, 0.5], as in iDLG's protocol;
 with PyTorch's default (much smaller) init the attack behaves differently.
 """

@@ -1,0 +1,105 @@
+"""The stacked (vmap-free) objective of plain nets against the vmapped reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradleak import build_model, observe
+from gradleak.attacks import objective as batched
+from gradleak.attacks.labels import batch_labels
+from gradleak.attacks.layered import plain_layers, stacked_forward, unfolded_size
+from gradleak.attacks.objective import BatchedObjective
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def observations(model: str, shape: tuple[int, int, int], batch: int, count: int) -> list:
+    generator = torch.Generator().manual_seed(7)
+    classes = 10
+    out = []
+    for v in range(count):
+        net = build_model(model, input_shape=shape, num_classes=classes, seed=v)
+        x = torch.rand(batch, *shape, generator=generator)
+        y = torch.randperm(classes, generator=generator)[:batch]
+        out.append(observe(net, x, y))
+    return out
+
+
+@pytest.mark.parametrize("name", ["lenet", "lenet-dlg"])
+def test_lenets_are_plain_and_their_stacked_forward_is_the_model(name: str) -> None:
+    model = build_model(name, input_shape=(3, 32, 32), num_classes=100, seed=1)
+    layers = plain_layers(model)
+    assert layers is not None
+    assert [layer.kind for layer in layers] == ["conv", "activation"] * 3 + ["flatten", "linear"]
+    x = torch.rand(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    stacked = {n: p.detach()[None].expand(2, *p.shape) for n, p in model.named_parameters()}
+    with torch.no_grad():
+        ours = stacked_forward(layers, stacked, x)
+        torch.testing.assert_close(ours[1], model(x[1]), rtol=1e-4, atol=1e-4)
+
+
+def test_nets_that_are_not_plain_are_refused() -> None:
+    class Reordered(nn.Module):  # registers fc first but runs it last
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(12 * 8 * 8, 10)
+            self.conv = nn.Conv2d(3, 12, 5, padding=2, stride=4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.sigmoid(self.conv(x)).flatten(1))
+
+    class Doubled(nn.Sequential):  # the same layers, but the forward adds a skip
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    resnet = build_model("resnet20", input_shape=(3, 32, 32), num_classes=10, seed=0)
+    doubled = Doubled(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    assert plain_layers(resnet) is None
+    assert plain_layers(Reordered()) is None
+    assert plain_layers(doubled) is None
+    assert plain_layers(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))) is not None
+
+
+def test_unfolded_size_counts_every_patch_entry() -> None:
+    expected = {  # sum over conv layers of in_channels * 25 * output pixels
+        ("lenet", (1, 28, 28)): 1 * 25 * 14 * 14 + 2 * 12 * 25 * 7 * 7,
+        ("lenet", (3, 32, 32)): 3 * 25 * 16 * 16 + 12 * 25 * 8 * 8 + 12 * 25 * 8 * 8,
+        ("lenet-dlg", (3, 32, 32)): (3 + 12 + 12) * 25 * 32 * 32,
+    }
+    for (name, shape), entries in expected.items():
+        model = build_model(name, input_shape=shape, num_classes=10, seed=0)
+        layers = plain_layers(model)
+        assert layers is not None
+        assert unfolded_size(layers, dict(model.named_parameters()), shape) == entries
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("learned", [False, True], ids=["known labels", "learned labels"])
+def test_stacked_objective_equals_the_vmapped_one(
+    batch: int, learned: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    victims = observations("lenet", (1, 28, 28), batch, 5)
+    labels = None if learned else torch.stack([batch_labels(o) for o in victims])
+    objective = BatchedObjective(victims, labels, torch.float64)
+    generator = torch.Generator().manual_seed(3)
+    z = torch.rand(5, objective.size, generator=generator, dtype=torch.float64)
+    results = []
+    for budget in (0, 10**9):  # everything vmapped, then everything stacked
+        monkeypatch.setattr(batched, "STACKED_BUDGET", budget)
+        objective.select(torch.tensor([4, 1, 2]))  # a subset, out of order
+        results.append(objective(z[:3]))
+    (loss_v, grad_v), (loss_s, grad_s) = results
+    assert bool((loss_v > 0).all())
+    torch.testing.assert_close(loss_s, loss_v, rtol=1e-10, atol=0)
+    torch.testing.assert_close(grad_s, grad_v, rtol=1e-9, atol=1e-12 * float(grad_v.abs().max()))
+
+
+def test_the_wide_stride_free_lenet_stays_vmapped() -> None:
+    wide = BatchedObjective(observations("lenet-dlg", (3, 32, 32), 1, 1), None, torch.float32)
+    small = BatchedObjective(observations("lenet", (3, 32, 32), 1, 1), None, torch.float32)
+    assert wide._unfolded is None and small._unfolded == 57_600
