@@ -13,19 +13,13 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 from rich.table import Table
 
 from gradleak import __version__
 from gradleak.errors import GradleakError
+from gradleak.progress_bars import StageBars
+from gradleak.progress_bars import progress as progress_bar
 
 EXIT_USAGE = 2
 
@@ -233,25 +227,8 @@ def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
         device=args.device,
         command=shlex.join(["gradleak", *args.argv]),
     )
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("experiments"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-    tasks: dict[str, TaskID] = {}
-
-    def on_progress(dataset: str, done: float, total: int) -> None:
-        if dataset not in tasks:
-            tasks[dataset] = progress.add_task(f"{run.paper} {dataset}", total=total)
-        progress.update(tasks[dataset], completed=done)
-
-    with progress:
-        summaries = run_reproduce(run, callback=on_progress)
+    with StageBars(console, "experiments", lambda dataset: f"{run.paper} {dataset}") as bars:
+        summaries = run_reproduce(run, callback=bars)
     console.print(_reproduce_table(summaries))
     console.print(
         f"wrote {run.out}/"
@@ -288,17 +265,7 @@ def _reproduce_table(summaries: list[dict]) -> Table:
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
+    return progress_bar(console, "loss {task.fields[loss]}")
 
 
 def _summary_table(row: dict) -> Table:
@@ -432,19 +399,8 @@ def _cmd_reproduce_text(args: argparse.Namespace, console: Console) -> None:
         out=args.out,
         command=shlex.join(["gradleak", *args.argv]),
     )
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("sentences"), TimeElapsedColumn(), console=console,
-    )  # fmt: skip
-    tasks: dict[str, TaskID] = {}
-
-    def on_progress(mode: str, done: int, total: int) -> None:
-        if mode not in tasks:
-            tasks[mode] = progress.add_task(f"DLG text, {mode}", total=total)
-        progress.update(tasks[mode], completed=done)
-
-    with progress:
-        summary = run_reproduce_text(run, callback=on_progress)
+    with StageBars(console, "sentences", lambda mode: f"DLG text, {mode}") as bars:
+        summary = run_reproduce_text(run, callback=bars)
     for mode, stats in summary["modes"].items():
         console.print(
             f"{mode}: mean token accuracy {stats['token_accuracy']:.2f}, "
@@ -510,30 +466,9 @@ def _cmd_defend(args: argparse.Namespace, console: Console) -> None:
         device=args.device,
         command=shlex.join(["gradleak", *args.argv]),
     )
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-    tasks: dict[str, TaskID] = {}
     names = {"attacks": "attacks (DLG + iDLG)", "training": "training runs (accuracy)"}
-
-    def on_progress(stage: str, done: float, total: int) -> None:
-        if not progress.live.is_started:
-            progress.start()  # after the input checks: bad input prints one line only
-        if stage not in tasks:
-            tasks[stage] = progress.add_task(names[stage], total=total)
-        progress.update(tasks[stage], completed=done)
-
-    try:
-        summary = run_defend(run, callback=on_progress)
-    finally:
-        if progress.live.is_started:
-            progress.stop()
+    with StageBars(console, "", names.__getitem__) as bars:
+        summary = run_defend(run, callback=bars)
     table = Table(title="defense audit (attack success: share of MSE < 1e-2; accuracy)")
     for column in ("defense", "iDLG", "DLG", "accuracy", "verdict"):
         table.add_column(column)

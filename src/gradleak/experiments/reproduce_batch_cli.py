@@ -6,19 +6,11 @@ import argparse
 import shlex
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from gradleak.errors import ConfigError
 from gradleak.experiments.reproduce_batch import BatchRun, parse_batch_sizes, run_reproduce_batch
+from gradleak.progress_bars import StageBars
 
 
 def cmd_reproduce_batch(args: argparse.Namespace, console: Console) -> None:
@@ -48,30 +40,8 @@ def cmd_reproduce_batch(args: argparse.Namespace, console: Console) -> None:
         device=args.device,
         command=shlex.join(["gradleak", *args.argv]),
     )
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("experiments"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-    tasks: dict[int, TaskID] = {}
-
-    def on_progress(size: int, done: float, total: int) -> None:
-        if not progress.live.is_started:
-            progress.start()  # after the input checks: bad input prints one line only
-        if size not in tasks:
-            tasks[size] = progress.add_task(f"dlg-batch B={size}", total=total)
-        progress.update(tasks[size], completed=done)
-
-    try:
-        summary = run_reproduce_batch(run, callback=on_progress)
-    finally:
-        if progress.live.is_started:
-            progress.stop()
+    with StageBars(console, "experiments", lambda size: f"dlg-batch B={size}") as bars:
+        summary = run_reproduce_batch(run, callback=bars)
     console.print(_table(summary))
     console.print(
         f"wrote {run.out}/results.jsonl, summary.json, iterations.png, strip.png and report.md "
