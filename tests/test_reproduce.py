@@ -252,7 +252,7 @@ def test_bad_input_is_one_line_and_exit_code_2(
 def test_unknown_paper_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli("reproduce", "dlg2", "--dataset", "mnist", "--out", str(tmp_path / "o")) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "unknown paper 'dlg2'" in error[0]
+    assert len(error) == 1 and "unknown paper 'dlg2'" in error[0] and "dlg-batch" in error[0]
 
 
 @pytest.mark.skipif(

@@ -17,7 +17,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from gradleak import __version__
-from gradleak.errors import GradleakError
+from gradleak.errors import ConfigError, GradleakError
 from gradleak.progress_bars import StageBars
 from gradleak.progress_bars import progress as progress_bar
 
@@ -208,6 +208,8 @@ def _cmd_attack(args: argparse.Namespace, console: Console) -> None:
 def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     from gradleak.experiments.reproduce import DATASETS, ReproduceRun, run_reproduce
 
+    if args.paper not in ("idlg", "dlg-batch"):
+        raise ConfigError(f"unknown paper '{args.paper}': choose one of idlg, dlg-batch")
     if args.paper == "dlg-batch":
         from gradleak.experiments.reproduce_batch_cli import cmd_reproduce_batch
 
