@@ -46,7 +46,10 @@ def two_loop(
     return r
 
 
-def test_compact_direction_equals_the_two_loop_recursion() -> None:
+@pytest.mark.parametrize("shared_pass", [False, True], ids=["own products", "shared pass"])
+def test_compact_direction_equals_the_two_loop_recursion(shared_pass: bool) -> None:
+    # "shared pass": push and direction get the products the faithful optimiser
+    # takes in one pass before the push, instead of computing their own.
     gen = torch.Generator().manual_seed(0)
     n, size, history = 4, 12, 5
     memory = _Memory(n, size, history, torch.zeros(1, dtype=torch.float64))
@@ -56,13 +59,15 @@ def test_compact_direction_equals_the_two_loop_recursion() -> None:
         s = torch.randn(n, size, generator=gen, dtype=torch.float64)
         y = s + 0.3 * torch.randn(n, size, generator=gen, dtype=torch.float64)  # s.y > 0
         mask = torch.tensor([step < p for p in pushes])
-        memory.push(mask, s, y)
+        before = memory.products(torch.stack((s, y), dim=1)) if shared_pass else None
+        memory.push(mask, s, y, before=before)
         for b in range(n):
             if mask[b]:
                 pairs[b] = (pairs[b] + [(s[b], y[b])])[-history:]
     g = torch.randn(n, size, generator=gen, dtype=torch.float64)
     h = torch.tensor([1.0, 0.7, 1.3, 0.4], dtype=torch.float64)
-    fast = memory.direction(g, h)
+    g_products = memory.products(g[:, None])[:, 0] if shared_pass else None
+    fast = memory.direction(g, h, g_products)
     for b in range(n):
         s_list = [p[0] for p in pairs[b]]
         y_list = [p[1] for p in pairs[b]]

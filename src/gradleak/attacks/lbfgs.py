@@ -39,12 +39,12 @@ class _Memory:
         # One buffer for both kinds of pair vector, so that every product with
         # them is one batched matrix product: rows [0, m) hold s, [m, 2m) y.
         self.vectors = like.new_zeros(n, 2 * history, size)
-        # products[:, 0, i, j] = s_i . y_j and products[:, 1, i, j] = y_i . y_j (slots).
-        self.products = like.new_zeros(n, 2, history, history)
+        # products_matrix[:, 0, i, j] = s_i . y_j, [:, 1, i, j] = y_i . y_j (slots).
+        self.products_matrix = like.new_zeros(n, 2, history, history)
         self.count = torch.zeros(n, dtype=torch.long, device=like.device)
         self.head = torch.zeros(n, dtype=torch.long, device=like.device)
 
-    _rows = ("vectors", "products", "count", "head")
+    _rows = ("vectors", "products_matrix", "count", "head")
 
     def keep(self, rows: torch.Tensor) -> None:
         _keep_rows(self, rows, self._rows)
@@ -57,19 +57,42 @@ class _Memory:
         self.count = torch.where(mask, 0, self.count)
         self.head = torch.where(mask, 0, self.head)
 
-    def push(self, mask: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> None:
-        """Store ``(s, y)`` for the problems in `mask`, dropping their oldest when full."""
+    def products(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``(n, k, D)`` vectors against every stored s and y: ``(n, k, 2m)``, one pass."""
+        return _dots(vectors, self.vectors)
+
+    def push(
+        self,
+        mask: torch.Tensor,
+        s: torch.Tensor,
+        y: torch.Tensor,
+        before: torch.Tensor | None = None,
+    ) -> None:
+        """Store ``(s, y)`` for the problems in `mask`, dropping their oldest when full.
+
+        Args:
+            before: ``products(stack((s, y), 1))`` taken before this push, when
+                the caller has it (it saves a pass over the buffer).
+        """
         rows = mask.nonzero().flatten()
         if rows.numel() == 0:
             return
         m = self.history
+        if before is None:
+            before = self.products(torch.stack((s, y), dim=1))
+        # (s; y) against every stored s and y, kept for `rows` only: s.S, s.Y,
+        # y.S, y.Y.  The slot being overwritten gets the new pair's own products.
         slot = self.head[rows]
-        self.vectors[rows, slot] = s[rows]
-        self.vectors[rows, m + slot] = y[rows]
-        # (s; y) against every stored s and y, over the whole buffer (no copy
-        # of it), kept for `rows` only: s.S, s.Y, y.S, y.Y.
-        dots = _dots(torch.stack((s, y), dim=1), self.vectors)[rows]  # (rows, 2, 2m)
-        sy, yy = self.products[:, 0], self.products[:, 1]
+        dots = before[rows]  # (rows, 2, 2m)
+        s_new, y_new = s[rows], y[rows]
+        sy_new, yy_new = (s_new * y_new).sum(-1), (y_new * y_new).sum(-1)
+        at = torch.arange(len(rows), device=rows.device)
+        dots[at, 0, m + slot] = sy_new
+        dots[at, 1, slot] = sy_new
+        dots[at, 1, m + slot] = yy_new
+        self.vectors[rows, slot] = s_new
+        self.vectors[rows, m + slot] = y_new
+        sy, yy = self.products_matrix[:, 0], self.products_matrix[:, 1]
         sy[rows, slot] = dots[:, 0, m:]  # s_new . y_j
         sy[rows, :, slot] = dots[:, 1, :m]  # s_i . y_new
         yy[rows, slot] = dots[:, 1, m:]
@@ -77,8 +100,15 @@ class _Memory:
         self.head[rows] = (slot + 1) % m
         self.count[rows] = torch.clamp(self.count[rows] + 1, max=m)
 
-    def direction(self, g: torch.Tensor, h_diag: torch.Tensor) -> torch.Tensor:
-        """``-H g`` per problem, H the L-BFGS inverse-Hessian approximation."""
+    def direction(
+        self, g: torch.Tensor, h_diag: torch.Tensor, g_products: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``-H g`` per problem, H the L-BFGS inverse-Hessian approximation.
+
+        Args:
+            g_products: ``products(g[:, None])[:, 0]`` with the current buffer,
+                when the caller has it.
+        """
         n, m = g.shape[0], self.history
         order = torch.arange(m, device=g.device)
         # Logical position j (0 = oldest) lives in slot (head - count + j) mod m.
@@ -87,12 +117,12 @@ class _Memory:
         pair = valid[:, :, None] & valid[:, None, :]
         # Both product matrices reordered to logical positions in one gather.
         flat = (slots[:, :, None] * m + slots[:, None, :]).reshape(n, 1, m * m)
-        both = torch.gather(self.products.flatten(2), 2, flat.expand(n, 2, m * m))
+        both = torch.gather(self.products_matrix.flatten(2), 2, flat.expand(n, 2, m * m))
         both = both.reshape(n, 2, m, m) * pair[:, None]
         sy, yy = both[:, 0], both[:, 1]
-        uw = torch.gather(
-            _dots(g.unsqueeze(1), self.vectors)[:, 0], 1, torch.cat((slots, slots + m), 1)
-        )
+        if g_products is None:
+            g_products = self.products(g.unsqueeze(1))[:, 0]
+        uw = torch.gather(g_products, 1, torch.cat((slots, slots + m), 1))
         u, w = uw[:, :m] * valid, uw[:, m:] * valid  # g . s_j and g . y_j
         gamma = h_diag[:, None]
         # R: upper triangle of S^T Y; unused positions get a unit diagonal.
@@ -196,11 +226,18 @@ class FaithfulLBFGS:
         s = self.d * self.t[:, None]
         ys = (y * s).sum(-1)
         update = later & (ys > CURVATURE_EPS)
-        self.memory.push(update, s, y)
+        # One pass over the memory for g, s and y together (the pass, not the
+        # arithmetic, is what costs): the push and the direction share it.
+        dots = self.memory.products(torch.stack((g, s, y), dim=1))
+        self.memory.push(update, s, y, before=dots[:, 1:])
         self.h_diag = torch.where(update, ys / (y * y).sum(-1), self.h_diag)
         self.memory.reset(first)
         self.h_diag = torch.where(first, 1.0, self.h_diag)
-        direction = self.memory.direction(g, self.h_diag) if bool(later.any()) else -g
+        direction = -g
+        if bool(later.any()):
+            direction = self.memory.direction(
+                g, self.h_diag, self._after_push(dots[:, 0], update, g, s, y)
+            )
         direction = torch.where(first[:, None], -g, direction)
         self.d = torch.where(go[:, None], direction, self.d)
         self.prev_g = torch.where(go[:, None], g, self.prev_g)
@@ -215,6 +252,25 @@ class FaithfulLBFGS:
         ended |= move & (self.n_local == self.max_iter)  # last inner step: no evaluation
         self.at_step_start = torch.where(active, ended, self.at_step_start)
         return ended
+
+    def _after_push(
+        self,
+        g_products: torch.Tensor,
+        pushed: torch.Tensor,
+        g: torch.Tensor,
+        s: torch.Tensor,
+        y: torch.Tensor,
+    ) -> torch.Tensor:
+        """``g . (s_j, y_j)`` for the buffer after the push: fix the slots just written."""
+        rows = pushed.nonzero().flatten()
+        if rows.numel() == 0:
+            return g_products
+        m = self.memory.history
+        slot = (self.memory.head[rows] - 1) % m
+        g_products = g_products.clone()
+        g_products[rows, slot] = (g[rows] * s[rows]).sum(-1)
+        g_products[rows, m + slot] = (g[rows] * y[rows]).sum(-1)
+        return g_products
 
 
 class RobustLBFGS:
