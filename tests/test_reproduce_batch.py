@@ -176,3 +176,22 @@ def test_real_cifar100_batch_of_two(data_root: Path, tmp_path: Path) -> None:
     (row,) = read_rows(tmp_path / "real" / "results.jsonl")
     assert row["labels_exact"]  # the label multiset is read off the gradient exactly
     assert summary["batch"]["2"]["methods"]["improved"]["experiments"] == 1
+
+
+def test_a_resnet_goes_through_the_sequential_engine(tmp_path: Path) -> None:
+    # BatchNorm buffers cannot be vmapped: dlg-batch attacks ResNet victims one by one.
+    run = BatchRun(
+        batch_sizes=(1,),
+        experiments=1,
+        dataset="sample-cifar100",
+        model="resnet20",
+        methods=("improved",),
+        iterations=1,
+        out=str(tmp_path / "resnet"),
+    )
+    summary = run_reproduce_batch(run)
+    (row,) = read_rows(tmp_path / "resnet" / "results.jsonl")
+    assert row["labels_exact"] and row["iterations"] <= 1 and row["evaluations"] >= 1
+    assert summary["model"] == "resnet20"
+    assert "resnet20" in (tmp_path / "resnet" / "report.md").read_text()
+
