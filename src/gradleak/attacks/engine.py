@@ -199,14 +199,21 @@ def _faithful(
         ended = optimiser.advance(loss, g, ~done)
         steps += ended.long()
         if bool(done.any()):
-            keep = (~done).nonzero().flatten()
-            rows, steps = rows[keep], steps[keep]
-            optimiser.keep(keep)
-            joining, waiting = waiting[: width - len(rows)], waiting[width - len(rows) :]
+            # Waiting victims take over finished rows in place; rows left over
+            # once the queue is empty are removed.
+            free = done.nonzero().flatten()
+            joining, waiting = waiting[: len(free)], waiting[len(free) :]
+            taken, free = free[: len(joining)], free[len(joining) :]
             if len(joining):
-                rows = torch.cat([rows, joining])
-                steps = torch.cat([steps, torch.zeros_like(joining)])
-                optimiser.extend(z0[joining])
+                rows[taken] = joining
+                steps[taken] = 0
+                optimiser.replace(taken, z0[joining])
+            if len(free):
+                keep = torch.ones_like(done)
+                keep[free] = False
+                keep = keep.nonzero().flatten()
+                rows, steps = rows[keep], steps[keep]
+                optimiser.keep(keep)
             objective.select(rows)
             if callback is not None:
                 callback(finished)

@@ -11,7 +11,8 @@ optimiser would, so a batch follows the same trajectories as one-by-one runs
 with an Armijo backtracking line search, so no step can increase the loss.
 
 State lives in one dict of tensors whose first dimension is the problem; the
-engine removes finished problems by indexing every entry (`keep`).
+engine reuses a finished problem's row for a waiting one (`replace`) and,
+once none wait, removes finished rows by indexing every entry (`keep`).
 """
 
 from __future__ import annotations
@@ -49,13 +50,20 @@ class _Memory:
     def keep(self, rows: torch.Tensor) -> None:
         _keep_rows(self, rows, self._rows)
 
-    def extend(self, other: _Memory) -> None:
-        """Append the problems of `other` (same history size) after these."""
-        _append_rows(self, other, self._rows)
-
     def reset(self, mask: torch.Tensor) -> None:
-        self.count = torch.where(mask, 0, self.count)
-        self.head = torch.where(mask, 0, self.head)
+        """Forget the pairs of the problems in `mask`.
+
+        Their stored vectors are zeroed too: a product with a forgotten slot
+        is masked by multiplying with zero, which a NaN left there by a
+        diverged run would survive.
+        """
+        rows = mask.nonzero().flatten()
+        if rows.numel() == 0:
+            return
+        self.count[rows] = 0
+        self.head[rows] = 0
+        self.vectors[rows] = 0
+        self.products_matrix[rows] = 0
 
     def products(self, vectors: torch.Tensor) -> torch.Tensor:
         """``(n, k, D)`` vectors against every stored s and y: ``(n, k, 2m)``, one pass."""
@@ -148,12 +156,6 @@ def _keep_rows(state: object, rows: torch.Tensor, names: tuple[str, ...]) -> Non
         setattr(state, name, getattr(state, name)[rows])
 
 
-def _append_rows(state: object, other: object, names: tuple[str, ...]) -> None:
-    """Append `other`'s rows to each per-problem tensor attribute (new problems join)."""
-    for name in names:
-        setattr(state, name, torch.cat([getattr(state, name), getattr(other, name)]))
-
-
 def _dots(vectors: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """``vectors (n, k, D) . buffer (n, m, D)`` -> ``(n, k, m)``.
 
@@ -194,11 +196,18 @@ class FaithfulLBFGS:
         _keep_rows(self, rows, self._rows)
         self.memory.keep(rows)
 
-    def extend(self, z: torch.Tensor) -> None:
-        """New problems join at the end, starting from `z` with a fresh state."""
+    def replace(self, rows: torch.Tensor, z: torch.Tensor) -> None:
+        """New problems take over `rows` (whose problems finished), from `z`, fresh.
+
+        Written in place: the other rows' memory is not copied, which removing
+        finished rows and appending new ones would do every time.
+        """
         fresh = FaithfulLBFGS(z, lr=self.lr, history=self.memory.history, max_iter=self.max_iter)
-        _append_rows(self, fresh, self._rows)
-        self.memory.extend(fresh.memory)
+        for name in self._rows:
+            getattr(self, name)[rows] = getattr(fresh, name)
+        mask = torch.zeros_like(self.at_step_start)
+        mask[rows] = True
+        self.memory.reset(mask)
 
     def advance(self, loss: torch.Tensor, g: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Consume one evaluation at `z` for the `active` problems.
