@@ -13,6 +13,7 @@ run that way.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -123,12 +124,11 @@ class BatchedObjective:
         groups = -(-len(z) // max(1, STACKED_BUDGET // self._unfolded))
         labels = None if self.learns_labels else self._labels
         parts = []
-        for rows in torch.arange(len(z), device=z.device).tensor_split(groups):
-            if len(rows) == len(z):
-                params, targets = self._params, self._targets
-            else:
-                params = {n: p[rows] for n, p in self._params.items()}
-                targets = {n: t[rows] for n, t in self._targets.items()}
+        bounds = [len(z) * k // groups for k in range(groups + 1)]
+        for lo, hi in itertools.pairwise(bounds):
+            rows = slice(lo, hi)  # views, not copies, of the stacked weights
+            params = {n: p[rows] for n, p in self._params.items()}
+            targets = {n: t[rows] for n, t in self._targets.items()}
             parts.append(
                 stacked_matching(
                     self._layers,
