@@ -194,4 +194,3 @@ def test_a_resnet_goes_through_the_sequential_engine(tmp_path: Path) -> None:
     assert row["labels_exact"] and row["iterations"] <= 1 and row["evaluations"] >= 1
     assert summary["model"] == "resnet20"
     assert "resnet20" in (tmp_path / "resnet" / "report.md").read_text()
-
