@@ -33,7 +33,7 @@ def observations(model: str, shape: tuple[int, int, int], batch: int, count: int
 @pytest.mark.parametrize("name", ["lenet", "lenet-dlg"])
 def test_lenets_are_plain_and_their_stacked_forward_is_the_model(name: str) -> None:
     model = build_model(name, input_shape=(3, 32, 32), num_classes=100, seed=1)
-    layers = plain_layers(model)
+    layers = plain_layers(model, (3, 32, 32))
     assert layers is not None
     assert [layer.kind for layer in layers] == ["conv", "activation"] * 3 + ["flatten", "linear"]
     x = torch.rand(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -59,10 +59,11 @@ def test_nets_that_are_not_plain_are_refused() -> None:
 
     resnet = build_model("resnet20", input_shape=(3, 32, 32), num_classes=10, seed=0)
     doubled = Doubled(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
-    assert plain_layers(resnet) is None
-    assert plain_layers(Reordered()) is None
-    assert plain_layers(doubled) is None
-    assert plain_layers(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))) is not None
+    shape = (3, 32, 32)
+    assert plain_layers(resnet, shape) is None
+    assert plain_layers(Reordered(), shape) is None
+    assert plain_layers(doubled, shape) is None
+    assert plain_layers(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), shape) is not None
 
 
 def test_unfolded_size_counts_every_patch_entry() -> None:
@@ -73,7 +74,7 @@ def test_unfolded_size_counts_every_patch_entry() -> None:
     }
     for (name, shape), entries in expected.items():
         model = build_model(name, input_shape=shape, num_classes=10, seed=0)
-        layers = plain_layers(model)
+        layers = plain_layers(model, shape)
         assert layers is not None
         assert unfolded_size(layers, dict(model.named_parameters()), shape) == entries
 

@@ -19,6 +19,7 @@ compute the same numbers (tests compare them).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -46,14 +47,15 @@ class Layer:
     activation: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def plain_layers(model: nn.Module) -> list[Layer] | None:
+def plain_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer] | None:
     """The layers of `model` in forward order, or None when it is not a plain net.
 
     The guess takes the model's leaf modules in the order they were
     registered (a flatten goes in before the first linear layer that follows
-    a convolution) and keeps it only if, on a random input, it computes what
-    the model's own forward computes: a model that reorders, skips or adds
-    anything between its layers is never mistaken for a plain net.
+    a convolution) and keeps it only if, on a random input of one example's
+    `input_shape`, it computes what the model's own forward computes: a model
+    that reorders, skips or adds anything between its layers is never
+    mistaken for a plain net.
     """
     leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
     layers: list[Layer] = []
@@ -65,38 +67,26 @@ def plain_layers(model: nn.Module) -> list[Layer] | None:
         if layer.kind == "linear" and "conv" in kinds and "flatten" not in kinds:
             layers.append(Layer("flatten"))
         layers.append(layer)
-    if not layers or not _agrees(model, layers):
+    if not layers or not _agrees(model, layers, tuple(input_shape)):
         return None
     return layers
 
 
-def _agrees(model: nn.Module, layers: list[Layer]) -> bool:
+def _agrees(model: nn.Module, layers: list[Layer], input_shape: tuple[int, ...]) -> bool:
     first = next(model.parameters(), None)
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    linear = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
-    if first is None or (conv is None and linear is None):
+    if first is None:
         return False
-    generator = torch.Generator().manual_seed(0)
     params = {n: p.detach()[None] for n, p in model.named_parameters()}
-    for shape in _probe_shapes(conv, linear):
-        x = torch.rand(2, *shape, generator=generator).to(first)
-        try:
-            with torch.no_grad():
-                ours = stacked_forward(layers, params, x[None])[0]
-                theirs = model(x)
-        except RuntimeError:
-            continue
-        if ours.shape != theirs.shape:
-            return False
-        return float((ours - theirs).abs().max()) <= 1e-4 * (1 + float(theirs.abs().max()))
-    return False
-
-
-def _probe_shapes(conv: nn.Conv2d | None, linear: nn.Linear | None) -> list[tuple[int, ...]]:
-    """Input shapes to try: square images for conv nets, the input width for MLPs."""
-    if conv is None:
-        return [(linear.in_features,)]  # type: ignore[union-attr]
-    return [(conv.in_channels, side, side) for side in (28, 32, 16, 64)]
+    x = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(first)
+    try:
+        with torch.no_grad():
+            ours = stacked_forward(layers, params, x[None])[0]
+            theirs = model(x)
+    except RuntimeError:  # e.g. a linear layer that in truth runs before a convolution
+        return False
+    if ours.shape != theirs.shape:
+        return False
+    return float((ours - theirs).abs().max()) <= 1e-4 * (1 + float(theirs.abs().max()))
 
 
 def _layer(name: str, module: nn.Module) -> Layer | None:
@@ -199,7 +189,7 @@ def stacked_matching(
     victims = z.shape[0]
     z = z.detach().requires_grad_()
     leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
-    input_size = batch_size * int(torch.tensor(input_shape).prod())
+    input_size = batch_size * math.prod(input_shape)
     x = z[:, :input_size].reshape(victims, batch_size, *input_shape)
     with torch.enable_grad():
         logits = stacked_forward(layers, leaves, x)

@@ -108,6 +108,26 @@ class _Memory:
         self.head[rows] = (slot + 1) % m
         self.count[rows] = torch.clamp(self.count[rows] + 1, max=m)
 
+    def after_push(
+        self,
+        g_products: torch.Tensor,
+        pushed: torch.Tensor,
+        g: torch.Tensor,
+        s: torch.Tensor,
+        y: torch.Tensor,
+    ) -> torch.Tensor:
+        """``g . (s_j, y_j)`` taken before a push of ``(s, y)`` for the `pushed`
+        problems, brought up to date: only the slots just written change."""
+        rows = pushed.nonzero().flatten()
+        if rows.numel() == 0:
+            return g_products
+        m = self.history
+        slot = (self.head[rows] - 1) % m
+        g_products = g_products.clone()
+        g_products[rows, slot] = (g[rows] * s[rows]).sum(-1)
+        g_products[rows, m + slot] = (g[rows] * y[rows]).sum(-1)
+        return g_products
+
     def direction(
         self, g: torch.Tensor, h_diag: torch.Tensor, g_products: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -244,9 +264,8 @@ class FaithfulLBFGS:
         self.h_diag = torch.where(first, 1.0, self.h_diag)
         direction = -g
         if bool(later.any()):
-            direction = self.memory.direction(
-                g, self.h_diag, self._after_push(dots[:, 0], update, g, s, y)
-            )
+            g_products = self.memory.after_push(dots[:, 0], update, g, s, y)
+            direction = self.memory.direction(g, self.h_diag, g_products)
         direction = torch.where(first[:, None], -g, direction)
         self.d = torch.where(go[:, None], direction, self.d)
         self.prev_g = torch.where(go[:, None], g, self.prev_g)
@@ -261,25 +280,6 @@ class FaithfulLBFGS:
         ended |= move & (self.n_local == self.max_iter)  # last inner step: no evaluation
         self.at_step_start = torch.where(active, ended, self.at_step_start)
         return ended
-
-    def _after_push(
-        self,
-        g_products: torch.Tensor,
-        pushed: torch.Tensor,
-        g: torch.Tensor,
-        s: torch.Tensor,
-        y: torch.Tensor,
-    ) -> torch.Tensor:
-        """``g . (s_j, y_j)`` for the buffer after the push: fix the slots just written."""
-        rows = pushed.nonzero().flatten()
-        if rows.numel() == 0:
-            return g_products
-        m = self.memory.history
-        slot = (self.memory.head[rows] - 1) % m
-        g_products = g_products.clone()
-        g_products[rows, slot] = (g[rows] * s[rows]).sum(-1)
-        g_products[rows, m + slot] = (g[rows] * y[rows]).sum(-1)
-        return g_products
 
 
 class RobustLBFGS:

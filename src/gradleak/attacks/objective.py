@@ -89,7 +89,7 @@ class BatchedObjective:
         self._all_labels = labels
         self._count = len(observations)
         self._function = vmap(grad_and_value(self._one, argnums=2))
-        self._layers = plain_layers(first.model)
+        self._layers = plain_layers(first.model, self.input_shape)
         self._unfolded = None  # entries per victim, where the stacked path applies
         if self._layers is not None:
             per_example = unfolded_size(self._layers, self._all_params, self.input_shape)
