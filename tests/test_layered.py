@@ -1,4 +1,4 @@
-"""The stacked (vmap-free) objective of plain nets against the vmapped reference."""
+"""The vmap-free objectives of plain nets (autograd and explicit) against the vmapped one."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from gradleak import build_model, observe
-from gradleak.attacks import objective as batched
+from gradleak.attacks.explicit import plain_blocks
 from gradleak.attacks.labels import batch_labels
 from gradleak.attacks.layered import plain_layers, stacked_forward, unfolded_size
 from gradleak.attacks.objective import BatchedObjective
@@ -79,25 +79,79 @@ def test_unfolded_size_counts_every_patch_entry() -> None:
         assert unfolded_size(layers, dict(model.named_parameters()), shape) == entries
 
 
+def three_paths(objective: BatchedObjective, z: torch.Tensor, rows: list[int]) -> list:
+    """(loss, gradient) at `z` for the victims `rows`: vmapped, stacked autograd, explicit."""
+    blocks, unfolded = objective._blocks, objective._unfolded
+    assert blocks is not None and unfolded is not None
+    results = []
+    for use_blocks, use_unfolded in ((None, None), (None, unfolded), (blocks, unfolded)):
+        objective._blocks, objective._unfolded = use_blocks, use_unfolded
+        objective.select(torch.tensor(rows))
+        results.append(objective(z[: len(rows)]))
+    return results
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [("lenet", (1, 28, 28)), ("lenet", (3, 32, 32)), ("lenet-dlg", (3, 12, 12))],
+)
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("learned", [False, True], ids=["known labels", "learned labels"])
-def test_stacked_objective_equals_the_vmapped_one(
-    batch: int, learned: bool, monkeypatch: pytest.MonkeyPatch
+def test_stacked_and_explicit_objectives_equal_the_vmapped_one(
+    model: str, shape: tuple[int, int, int], batch: int, learned: bool
 ) -> None:
-    victims = observations("lenet", (1, 28, 28), batch, 5)
+    victims = observations(model, shape, batch, 5)
     labels = None if learned else torch.stack([batch_labels(o) for o in victims])
     objective = BatchedObjective(victims, labels, torch.float64)
     generator = torch.Generator().manual_seed(3)
     z = torch.rand(5, objective.size, generator=generator, dtype=torch.float64)
-    results = []
-    for budget in (0, 10**9):  # everything vmapped, then everything stacked
-        monkeypatch.setattr(batched, "STACKED_BUDGET", budget)
-        objective.select(torch.tensor([4, 1, 2]))  # a subset, out of order
-        results.append(objective(z[:3]))
-    (loss_v, grad_v), (loss_s, grad_s) = results
+    (loss_v, grad_v), *others = three_paths(objective, z, [4, 1, 2])  # a subset, out of order
     assert bool((loss_v > 0).all())
-    torch.testing.assert_close(loss_s, loss_v, rtol=1e-10, atol=0)
-    torch.testing.assert_close(grad_s, grad_v, rtol=1e-9, atol=1e-12 * float(grad_v.abs().max()))
+    for loss, gradient in others:
+        torch.testing.assert_close(loss, loss_v, rtol=1e-10, atol=0)
+        torch.testing.assert_close(
+            gradient, grad_v, rtol=1e-9, atol=1e-12 * float(grad_v.abs().max())
+        )
+
+
+def test_explicit_objective_handles_tanh_stacked_linear_layers_and_missing_biases() -> None:
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False), nn.Tanh(),
+            nn.Conv2d(4, 3, 3, padding=0), nn.Sigmoid(),
+            nn.Flatten(), nn.Linear(3 * 3 * 3, 7), nn.Tanh(),
+            nn.Linear(7, 5, bias=False), nn.Sigmoid(),
+        )  # fmt: skip
+
+    generator = torch.Generator().manual_seed(1)
+    victims = [
+        observe(net(v), torch.rand(2, 2, 9, 9, generator=generator), torch.tensor([v % 5, 3]))
+        for v in range(3)
+    ]
+    objective = BatchedObjective(victims, None, torch.float64)
+    assert objective._blocks is not None
+    assert [(b.kind, b.activation, b.bias is not None) for b in objective._blocks] == [
+        ("conv", "tanh", False), ("conv", "sigmoid", True),
+        ("linear", "tanh", True), ("linear", "sigmoid", False),
+    ]  # fmt: skip
+    z = torch.randn(3, objective.size, generator=generator, dtype=torch.float64)
+    (loss_v, grad_v), _, (loss_e, grad_e) = three_paths(objective, z, [2, 0, 1])
+    torch.testing.assert_close(loss_e, loss_v, rtol=1e-10, atol=0)
+    torch.testing.assert_close(grad_e, grad_v, rtol=1e-9, atol=1e-12 * float(grad_v.abs().max()))
+
+
+def test_layouts_the_explicit_objective_does_not_write_out_are_left_to_autograd() -> None:
+    def blocks_of(*modules: nn.Module, shape: tuple[int, ...] = (1, 6, 6)) -> list | None:
+        layers = plain_layers(nn.Sequential(*modules), shape)
+        assert layers is not None  # plain: the autograd paths take it
+        return plain_blocks(layers)
+
+    conv = nn.Conv2d(1, 2, 3, padding=1)
+    assert blocks_of(conv, nn.Sigmoid(), nn.Flatten(), nn.Linear(72, 3)) is not None
+    assert blocks_of(nn.Flatten(), nn.Sigmoid(), nn.Linear(36, 3)) is None  # activation first
+    assert blocks_of(conv, nn.Sigmoid(), nn.Tanh(), nn.Flatten(), nn.Linear(72, 3)) is None
+    assert blocks_of(conv, nn.Sigmoid()) is None  # no linear layer at the end
 
 
 def test_the_wide_stride_free_lenet_stays_vmapped() -> None:

@@ -4,10 +4,12 @@ Each victim has its own model weights, shared gradient, label and dummy.  The
 per-victim objective (replay the client step on the dummy, squared distance to
 the shared gradient) is written for one victim and `vmap`-ed over all of them,
 so one call evaluates every victim's loss and its gradient in the dummy as a
-single vectorised computation.  For few victims and a plain conv net (the
-papers' LeNet) the same objective is computed without vmap (layered.py),
-which costs far less per call; the faithful engine's last, slowest victims
-run that way.
+single vectorised computation.  That is the general path and the reference.
+For a plain conv net (the papers' LeNet) the same objective is computed
+without vmap, with every victim's weights stacked on a leading axis: with
+both derivatives written out (explicit.py) where the layout allows, else
+with autograd (layered.py).  Both cost far less per victim than the vmapped
+call, most of all when few victims are left.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from gradleak.attacks.explicit import explicit_matching, plain_blocks
 from gradleak.attacks.layered import plain_layers, stacked_matching, unfolded_size
 from gradleak.attacks.matching import soft_label_cross_entropy
 from gradleak.errors import AttackNotApplicable
@@ -29,10 +32,11 @@ from gradleak.types import Observation
 # A plain net is evaluated without vmap, in groups of victims whose unfolded
 # patches (victims x examples x `unfolded_size`) stay within this many
 # entries: small groups stay in cache.  Measured on the 2-core CPU, one
-# thread, per MNIST LeNet victim: 0.73 ms in groups of 24-32, 1.0 ms in one
-# group of 64, 0.83 ms vmapped at 64 (and far more vmapped at a few).  One
-# stride-free CIFAR LeNet example (691k entries) is faster vmapped, hence
-# the cap per example.
+# thread, per MNIST LeNet victim with autograd: 0.73 ms in groups of 24-32,
+# 1.0 ms in one group of 64, 0.83 ms vmapped at 64 (and far more vmapped at
+# a few); written out (explicit.py), 1.3-1.6x less than autograd side by side.
+# One stride-free CIFAR LeNet example (691k entries) is no faster written
+# out than vmapped, hence the cap per example.
 STACKED_BUDGET = 1_000_000
 STACKED_PER_EXAMPLE = 200_000
 
@@ -90,6 +94,7 @@ class BatchedObjective:
         self._count = len(observations)
         self._function = vmap(grad_and_value(self._one, argnums=2))
         self._layers = plain_layers(first.model, self.input_shape)
+        self._blocks = plain_blocks(self._layers) if self._layers is not None else None
         self._unfolded = None  # entries per victim, where the stacked path applies
         if self._layers is not None:
             per_example = unfolded_size(self._layers, self._all_params, self.input_shape)
@@ -129,9 +134,10 @@ class BatchedObjective:
             rows = slice(lo, hi)  # views, not copies, of the stacked weights
             params = {n: p[rows] for n, p in self._params.items()}
             targets = {n: t[rows] for n, t in self._targets.items()}
+            matching = stacked_matching if self._blocks is None else explicit_matching
             parts.append(
-                stacked_matching(
-                    self._layers,
+                matching(
+                    self._layers if self._blocks is None else self._blocks,  # type: ignore[arg-type]
                     params,
                     targets,
                     z[rows],
