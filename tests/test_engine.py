@@ -157,3 +157,23 @@ def test_snapshots_only_where_asked() -> None:
     results = attack_batch(IDLG(iterations=20), observations, [0, 1], snapshots=[True, False])
     assert [s.step for s in results[0].snapshots][:2] == [0, 10]
     assert results[1].snapshots == ()
+
+
+def test_each_result_is_handed_over_as_soon_as_its_victim_ends() -> None:
+    # Width 2 on 4 victims: results arrive one by one, each exactly once and
+    # the same object `attack_batch` returns, in the order the victims end.
+    observations, _ = victims(4)
+    attack = IDLG(iterations=6, precision="float64")
+    seen: list[tuple[int, int]] = []  # (victim, how many had ended before it)
+    results: dict[int, object] = {}
+
+    def on_result(index: int, result: object) -> None:
+        seen.append((index, len(results)))
+        results[index] = result
+
+    returned = attack_batch(attack, observations, list(range(4)), width=2, on_result=on_result)
+    assert sorted(i for i, _ in seen) == [0, 1, 2, 3]
+    assert [n for _, n in seen] == [0, 1, 2, 3]
+    assert all(results[i] is returned[i] for i in range(4))
+    # Victims 2 and 3 wait for a free row: they end after one of 0 and 1 has.
+    assert seen[0][0] in (0, 1)

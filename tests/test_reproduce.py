@@ -273,8 +273,9 @@ def test_batched_engine_agrees_with_the_sequential_one(
         for key in ("image_index", "true_label", "predicted_label", "label_correct"):
             assert row[key] == ref[key]
         assert (row["mse"] < 1e-3) == (ref["mse"] < 1e-3)
-    # Each victim is charged its share of the batch's wall time.
-    assert len({r["seconds"] for r in rows if r["method"] == "idlg"}) == 1
+    # Each result is charged the wall time since the previous one of its batch,
+    # so that they add up to the batch's time (summary.json sums them).
+    assert all(r["seconds"] > 0 for r in rows)
     assert assert_summary_agrees(out, 2)["engine"] == "batched"
     assert (out / "strip.png").exists()
 

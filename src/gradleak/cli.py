@@ -150,7 +150,10 @@ def _add_reproduce(commands: argparse._SubParsersAction) -> None:
     reproduce.add_argument("--seed", type=_non_negative_int, default=0, help="run seed (0)")
     reproduce.add_argument("--out", default=None, help="output folder (runs/reproduce-<paper>)")
     reproduce.add_argument(
-        "--chunk", type=_positive_int, default=None, help="victims attacked at once (64; 16)"
+        "--chunk",
+        type=_positive_int,
+        default=None,
+        help="victims attacked at once (idlg 32; dlg-batch 16)",
     )
     batch = reproduce.add_argument_group("dlg-batch only")
     batch.add_argument("--batch-sizes", default="1,2,4,8", help="batch sizes (1,2,4,8)")
@@ -225,7 +228,7 @@ def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
         engine=args.engine,
         seed=args.seed,
         out=args.out or "runs/reproduce-idlg",
-        chunk=args.chunk or 64,
+        chunk=args.chunk or 32,
         device=args.device,
         command=shlex.join(["gradleak", *args.argv]),
     )

@@ -49,7 +49,7 @@ def attack_batch(
     seeds: Sequence[int],
     *,
     snapshots: Sequence[bool] | None = None,
-    callback: Callable[[int], None] | None = None,
+    on_result: Callable[[int, Reconstruction], None] | None = None,
     width: int = 32,
 ) -> list[Reconstruction]:
     """Attack many observations at once (each one example, or all the same batch size).
@@ -59,7 +59,8 @@ def attack_batch(
         observations: One per victim, same architecture (weights differ).
         seeds: The dummy-init seed of each victim (as `attack(obs, seed=...)`).
         snapshots: Per victim, whether to keep its snapshot frames.
-        callback: Called with the number of victims finished so far.
+        on_result: Called with a victim's index and reconstruction as soon as
+            it finishes (a caller can save it at once, before the rest end).
         width: Faithful mode attacks at most this many victims at a time and
             starts the next ones as others finish, so that the batch stays
             full instead of ending with its slowest victim alone.
@@ -96,9 +97,9 @@ def attack_batch(
                 rest = z0[:, objective.input_size :]
                 z0[:, objective.input_size :] = torch.where(usable[:, None], logits.to(rest), rest)
     if config.improved:
-        _improved(attack, objective, victims, z0, labels, callback)
+        _improved(attack, objective, victims, z0, labels, on_result)
     else:
-        _faithful(attack, objective, victims, z0, labels, callback, max(1, width))
+        _faithful(attack, objective, victims, z0, labels, on_result, max(1, width))
     return [v.result for v in victims]  # type: ignore[misc]
 
 
@@ -162,7 +163,7 @@ def _faithful(
     victims: list[_Victim],
     z0: torch.Tensor,
     labels: torch.Tensor | None,
-    callback: Callable[[int], None] | None,
+    on_result: Callable[[int, Reconstruction], None] | None,
     width: int,
 ) -> None:
     config = attack.config
@@ -174,7 +175,6 @@ def _faithful(
     )
     objective.select(rows)
     steps = torch.zeros(len(rows), dtype=torch.long, device=z0.device)
-    finished = 0
     while rows.numel():
         loss, g = objective(optimiser.z)
         for r in rows.tolist():
@@ -195,7 +195,8 @@ def _faithful(
                 label = labels[rows[i]].reshape(-1) if labels is not None else None
                 _finish(victim, objective, optimiser.z[i], value, label, steps=k,
                         tolerance=config.tolerance, dtype=out_dtype)  # fmt: skip
-                finished += 1
+                if on_result is not None:
+                    on_result(int(rows[i]), victim.result)  # type: ignore[arg-type]
         ended = optimiser.advance(loss, g, ~done)
         steps += ended.long()
         if bool(done.any()):
@@ -215,8 +216,6 @@ def _faithful(
                 rows, steps = rows[keep], steps[keep]
                 optimiser.keep(keep)
             objective.select(rows)
-            if callback is not None:
-                callback(finished)
 
 
 def _improved(
@@ -225,7 +224,7 @@ def _improved(
     victims: list[_Victim],
     z0: torch.Tensor,
     labels: torch.Tensor | None,
-    callback: Callable[[int], None] | None,
+    on_result: Callable[[int, Reconstruction], None] | None,
 ) -> None:
     config = attack.config
     per_step = config.max_iter  # inner iterations that make one reported "step"
@@ -239,7 +238,6 @@ def _improved(
     done_before = torch.zeros(len(victims), dtype=torch.long, device=z0.device)  # iterations
     best_recent = torch.full_like(floor, float("inf"))
     since = torch.zeros_like(done_before)
-    finished = 0
     while rows.numel():
         loss, g = objective(optimiser.points)
         for r in rows.tolist():
@@ -277,7 +275,8 @@ def _improved(
                 _finish(victim, objective, optimiser.z[i], value, label, steps=step,
                         tolerance=float(tolerance[i]), dtype=torch.float32)  # fmt: skip
                 done[i] = True
-                finished += 1
+                if on_result is not None:
+                    on_result(int(rows[i]), victim.result)  # type: ignore[arg-type]
             elif bool(restart[i]):
                 if victim.best is None or _better(value, victim.best[0]):
                     victim.best = (value, optimiser.z[i].clone())
@@ -298,5 +297,3 @@ def _improved(
             floor, tolerance = floor[keep], tolerance[keep]
             optimiser.keep(keep)
             objective.select(rows)
-            if callback is not None:
-                callback(finished)

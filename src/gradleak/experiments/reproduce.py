@@ -1,14 +1,16 @@
 """`gradleak reproduce idlg`: iDLG's Table 1 and Figure 1, resumable.
 
-Experiments (`reproduce_protocol`) run in chunks of victims: every finished
-batch of attacks is appended to results.jsonl at once, and a rerun of the
-same command skips what is there, so an interrupted run of 1000 experiments
-picks up where it stopped.  Two engines attack a batch: "sequential" (one
-victim after another, the reference) and "batched" (many victims at once).
+Experiments (`reproduce_protocol`) run in groups of victims: every attack is
+appended to results.jsonl as soon as it ends, and a rerun of the same
+command skips what is there, so an interrupted run of 1000 experiments picks
+up where it stopped, losing only the attacks in flight.  Two engines attack a
+group: "sequential" (one victim after another, the reference) and "batched"
+(many victims at once).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -70,7 +72,7 @@ class ReproduceRun:
         engine: "batched" (many victims at once) or "sequential".
         seed: Fixes every random choice of the run.
         out: Output folder.
-        chunk: Victims per batch; results are saved after every batch.
+        chunk: Victims attacked at once; every result is saved as it ends.
         device: "auto", "cpu" or "cuda".
         command: The command line, quoted in the report.
     """
@@ -84,7 +86,7 @@ class ReproduceRun:
     engine: str = "batched"
     seed: int = 0
     out: str = "runs/reproduce-idlg"
-    chunk: int = 64
+    chunk: int = 32
     device: str = "auto"
     command: str = ""
 
@@ -151,27 +153,35 @@ def _reproduce_dataset(
     pending = [e for e in range(total) if any((e, m) not in done for m in METHODS)]
     log.info("%s: %d of %d experiments to run", dataset, len(pending), total)
     progress()
-    chunk = _fitting_chunk(run.chunk, data.shape, data.num_classes)
-    if chunk < run.chunk:
-        log.info("%s: %d victims at a time (memory; --chunk %d)", dataset, chunk, run.chunk)
-    for start in range(0, len(pending), chunk):
+
+    def save(method: str, victim: Victim, result: Reconstruction, seconds: float) -> None:
+        # Each result is saved as it ends.  Frames before the line: a kill in
+        # between reruns the attack, which rewrites them.
+        if victim.experiment == report.STRIP_EXPERIMENT:
+            report.save_strip_frames(out, method, victim.image, result)
+        row = result_row(victim, method, dataset, result, seconds, run.engine, device)
+        append_results(results_path, [row])
+        rows.append(row)
+        done.add((victim.experiment, method))
+        progress(1)
+        if len(rows) % run.chunk == 0:  # the summary, too, keeps up as the run goes
+            report.write_summary(out, summarise())
+
+    # Improved attacks take every victim of a group at once; faithful ones
+    # take `chunk` at a time from a larger group, starting the next victim as
+    # soon as one finishes, so that the batch stays full (a group's last,
+    # slowest victims run almost alone).
+    wanted = run.chunk if run.mode == "improved" else max(run.chunk, FAITHFUL_GROUP)
+    group = _fitting_chunk(wanted, data.shape, data.num_classes)
+    if group < run.chunk:
+        log.info("%s: %d victims at a time (memory; --chunk %d)", dataset, group, run.chunk)
+    for start in range(0, len(pending), group):
         victims = [
-            make_victim(data, dataset, run.seed, e, device) for e in pending[start : start + chunk]
+            make_victim(data, dataset, run.seed, e, device) for e in pending[start : start + group]
         ]
         for method in METHODS:
             todo = [v for v in victims if (v.experiment, method) not in done]
-            outcomes = _attack(attacks[method], todo, run.engine, lambda: progress(1))
-            # Frames before lines: a kill in between reruns the attack, which rewrites them.
-            for victim, (result, _) in zip(todo, outcomes, strict=True):
-                if victim.experiment == report.STRIP_EXPERIMENT:
-                    report.save_strip_frames(out, method, victim.image, result)
-            new_rows = [
-                result_row(v, method, dataset, result, seconds, run.engine, device)
-                for v, (result, seconds) in zip(todo, outcomes, strict=True)
-            ]
-            append_results(results_path, new_rows)
-            rows.extend(new_rows)
-            done.update((v.experiment, method) for v in todo)
+            _attack(attacks[method], todo, run.engine, run.chunk, functools.partial(save, method))
         report.write_summary(out, summarise())
         log.info("%s: %d attacks done", dataset, len(rows))
     summary = summarise()
@@ -184,46 +194,48 @@ def _attack(
     attack: GradientInversion,
     victims: Sequence[Victim],
     engine: str,
-    finished: Callable[[], None],
-) -> list[tuple[Reconstruction, float]]:
-    """Attack every victim with its own seed; returns results and seconds each.
+    width: int,
+    save: Callable[[Victim, Reconstruction, float], None],
+) -> None:
+    """Attack every victim with its own seed; `save` gets each result as it ends.
 
-    `finished` is called once per victim as it finishes (for progress).
+    With the sequential engine a result's seconds are its own attack's; with
+    the batched one, the wall time since the previous result of the same
+    batch (their sum is the batch's wall time: the victims share it).
     """
     if not victims:
-        return []
+        return
     seeds = [v.seeds.attacks[attack.name] for v in victims]
     if engine == "sequential":
-        outcomes = []
         for victim, seed in zip(victims, seeds, strict=True):
             start = time.perf_counter()
             result = attack(victim.observation, seed=seed)
-            outcomes.append((result, time.perf_counter() - start))
-            finished()
-        return outcomes
+            save(victim, result, time.perf_counter() - start)
+        return
     # Imported here so that the sequential path works without the batched engine.
     from gradleak.attacks.engine import attack_batch
 
-    reported = 0
+    last = time.perf_counter()
 
-    def on_progress(count: int) -> None:
-        nonlocal reported
-        while reported < min(count, len(victims)):
-            finished()
-            reported += 1
+    def on_result(index: int, result: Reconstruction) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        save(victims[index], result, now - last)
+        last = now
 
-    start = time.perf_counter()
-    results = attack_batch(
+    attack_batch(
         attack,
         [v.observation for v in victims],
         seeds,
         snapshots=[v.experiment == report.STRIP_EXPERIMENT for v in victims],
-        callback=on_progress,
+        on_result=on_result,
+        width=width,
     )
-    share = (time.perf_counter() - start) / len(victims)
-    on_progress(len(victims))
-    return [(result, share) for result in results]
 
+
+# Victims a faithful run loads at once (memory allowing), of which it attacks
+# `chunk` at a time.
+FAITHFUL_GROUP = 512
 
 # Memory the batched engine may use for one chunk; a victim costs about 20
 # float64 copies of the model's parameters (its weights, the shared gradient,
