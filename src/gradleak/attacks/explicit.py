@@ -97,6 +97,27 @@ def _slopes(name: str, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, -2 * a * first
 
 
+# A product with at most this many columns on the right is a batch of
+# matrix-times-vector products (a linear layer: one column per example).
+FEW_COLUMNS = 4
+
+
+def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a (V, M, K) @ b (V, K, N)`` in the form the CPU runs fastest.
+
+    Measured on the 2-core CPU, one thread, 16 victims of a 100 x 768 layer:
+    ``W @ x`` for one column x takes 1.7 ms as a batched matrix product and
+    0.45 ms as ``(x^T W^T)^T``; ``W^T @ e`` 2.2 ms against 0.16 ms as
+    ``(e^T W)^T``; an outer product (K = 1) 1.5 ms against 0.3 ms as a
+    broadcast multiply.  For convolutions' shapes the plain product is best.
+    """
+    if b.shape[1] == 1:
+        return a * b
+    if b.shape[2] <= FEW_COLUMNS:
+        return torch.bmm(b.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
+    return torch.bmm(a, b)
+
+
 @dataclass(frozen=True)
 class _Site:
     """Where a block sits: its input's shape per victim (C, B, H, W) and its kernel.
@@ -189,7 +210,7 @@ def explicit_matching(
         site = _Site(block, *shape, kernel=kernel)  # type: ignore[arg-type]
         sites.append(site)
         columns.append(site.columns(a))
-        u = torch.bmm(weight, columns[-1])  # (V, O, N)
+        u = _product(weight, columns[-1])  # (V, O, N)
         if block.bias is not None:
             u = u + params[block.bias][:, :, None]
         a = _ACTIVATIONS[block.activation](u) if block.activation else u
@@ -213,7 +234,10 @@ def explicit_matching(
     ]
     upstream: list[torch.Tensor] = [top] * count  # dCE/da
     errors: list[torch.Tensor] = [top] * count  # dCE/du
-    residual_w: list[torch.Tensor] = [top] * count  # 2 (dW - G)
+    # dW - G and db - Gb.  The loss's derivative in them is twice that; the
+    # adjoint stages are linear in it, so they run on the differences and the
+    # factor 2 goes on the result (one small tensor, not every large one).
+    residual_w: list[torch.Tensor] = [top] * count
     residual_b: list[torch.Tensor | None] = [None] * count
     loss = z.new_zeros(victims)
     grad_a = top
@@ -221,16 +245,18 @@ def explicit_matching(
         block, slope = blocks[i], slopes[i]
         upstream[i] = grad_a
         errors[i] = grad_a * slope[0] if slope is not None else grad_a
-        difference = torch.bmm(errors[i], columns[i].transpose(1, 2))
-        difference = difference - targets[block.weight].flatten(2)
-        loss = loss + difference.pow(2).flatten(1).sum(1)
-        residual_w[i] = 2 * difference
+        # A last layer of many classes makes these the largest tensors: every
+        # extra pass over them costs, hence in place and a norm for the sum.
+        difference = _product(errors[i], columns[i].transpose(1, 2))
+        difference = difference.sub_(targets[block.weight].flatten(2))
+        loss = loss + torch.linalg.vector_norm(difference.flatten(1), dim=1).square()
+        residual_w[i] = difference
         if block.bias is not None:
             bias_difference = errors[i].sum(2) - targets[block.bias]
             loss = loss + bias_difference.pow(2).sum(1)
-            residual_b[i] = 2 * bias_difference
+            residual_b[i] = bias_difference
         if i > 0:
-            grad_a = sites[i].adjoint(torch.bmm(weights[i].transpose(1, 2), errors[i]))
+            grad_a = sites[i].adjoint(_product(weights[i].transpose(1, 2), errors[i]))
 
     # Stage A: the backward pass run backwards, first block to last.  `bar_x`
     # is the loss's derivative in x; the derivative in u through the
@@ -239,12 +265,12 @@ def explicit_matching(
     bar_columns: list[torch.Tensor] = [top] * count
     bar_grad_a: torch.Tensor | None = None
     for i, site in enumerate(sites):
-        bar_e = torch.bmm(residual_w[i], columns[i])
+        bar_e = _product(residual_w[i], columns[i])
         if residual_b[i] is not None:
             bar_e = bar_e + residual_b[i][:, :, None]  # type: ignore[index]
         if bar_grad_a is not None:  # e[i] made the previous block's dCE/da
-            bar_e = torch.baddbmm(bar_e, weights[i], site.columns(bar_grad_a))
-        bar_columns[i] = torch.bmm(residual_w[i].transpose(1, 2), errors[i])
+            bar_e = bar_e + _product(weights[i], site.columns(bar_grad_a))
+        bar_columns[i] = _product(residual_w[i].transpose(1, 2), errors[i])
         slope = slopes[i]
         if slope is not None:
             bar_u[i] = bar_e * upstream[i] * slope[1]
@@ -263,7 +289,7 @@ def explicit_matching(
         bar = bar_a * slope[0] if slope is not None else bar_a
         if bar_u[i] is not None:
             bar = bar + bar_u[i]
-        total = torch.baddbmm(bar_columns[i], weights[i].transpose(1, 2), bar)
+        total = bar_columns[i] + _product(weights[i].transpose(1, 2), bar)
         bar_a = sites[i].adjoint(total)
 
     gradient = bar_a.reshape(victims, channels, batch_size, -1).transpose(1, 2)
@@ -272,4 +298,4 @@ def explicit_matching(
         bar_soft = -bar_top
         bar_label = soft * (bar_soft - (soft * bar_soft).sum(1, keepdim=True))
         gradient = torch.cat((gradient, bar_label.transpose(1, 2).reshape(victims, -1)), 1)
-    return loss, gradient
+    return loss, 2 * gradient

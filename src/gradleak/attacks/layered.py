@@ -15,6 +15,10 @@ to a few LeNet victims it runs 2-3 times faster than the vmapped call; with
 dozens of victims, or one victim of a wide net (DLG's stride-free LeNet), the
 unfolded patches grow large and the vmapped grouped convolutions win.  Both
 compute the same numbers (tests compare them).
+
+explicit.py writes both derivatives out by hand for the usual layouts
+(LeNet's among them), which costs less again; `stacked_matching` serves the
+plain nets it does not cover.
 """
 
 from __future__ import annotations
