@@ -8,9 +8,9 @@ followed by a sigmoid or tanh, with a flatten before the first linear
 layer): no autograd graph is recorded, every unfolded patch matrix is built
 once and reused by the forward pass, the weight gradient and the adjoint
 pass, and the layouts are chosen so that no step copies a tensor only to
-reorder it.  On the faithful engine's LeNet victims it costs about half of
-what the autograd path costs per victim; tests compare it with the vmapped
-objective to round-off.
+reorder it.  Per LeNet victim it costs 1.5-2.5x less than the autograd
+path and 1.5-4x less than the vmapped one (bench/objective.py, BENCHMARKS.md);
+tests compare it with the vmapped objective to round-off.
 
 Notation, per victim (every tensor carries the victims on its first axis):
 block l maps its input ``a[l-1]`` to columns ``P_l(a[l-1])`` (the unfolded
