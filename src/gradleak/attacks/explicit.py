@@ -105,11 +105,11 @@ FEW_COLUMNS = 4
 def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a (V, M, K) @ b (V, K, N)`` in the form the CPU runs fastest.
 
-    bench/products.py times both forms; on the 2-core CPU, 16 victims of a 100 x 768 layer:
-    ``W @ x`` for one column x takes 1.7 ms as a batched matrix product and
-    0.45 ms as ``(x^T W^T)^T``; ``W^T @ e`` 2.2 ms against 0.16 ms as
-    ``(e^T W)^T``; an outer product (K = 1) 1.5 ms against 0.3 ms as a
-    broadcast multiply.  For convolutions' shapes the plain product is best.
+    bench/products.py times both forms.  With 16 victims of a 100 x 768 layer
+    on the 2-core CPU: ``W @ x`` for one column x took 1.7 ms as a batched
+    matrix product and 0.56 ms as ``(x^T W^T)^T``; ``W^T @ e`` 2.3 ms against
+    0.19 ms as ``(e^T W)^T``; an outer product (K = 1) 2.3 ms against 0.14 ms
+    as a broadcast multiply.  For convolutions' shapes the plain product is best.
     """
     if b.shape[1] == 1:
         return a * b
