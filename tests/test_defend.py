@@ -14,10 +14,10 @@ from gradleak.attacks.engine import attack_batch
 from gradleak.cli import main
 from gradleak.data import load_dataset
 from gradleak.errors import ConfigError
-from gradleak.experiments.defend import DefendRun, run_defend
-from gradleak.experiments.defend_protocol import attacker_view, make_experiment, result_row
-from gradleak.experiments.defend_report import findings
-from gradleak.experiments.defend_store import Store
+from gradleak.experiments.defend.protocol import attacker_view, make_experiment, result_row
+from gradleak.experiments.defend.report import findings
+from gradleak.experiments.defend.run import DefendRun, run_defend
+from gradleak.experiments.defend.store import Store
 
 KEYS = {"defense", "strength", "experiment", "method", "mse", "label_correct", "psnr", "ssim"}
 

@@ -23,16 +23,16 @@ import pytest
 
 from gradleak.cli import main
 from gradleak.errors import DataError
-from gradleak.experiments import paper
-from gradleak.experiments.reproduce import ReproduceRun, run_reproduce
-from gradleak.experiments.reproduce_protocol import experiment_seeds
-from gradleak.experiments.reproduce_report import (
+from gradleak.experiments.reproduce_idlg import paper
+from gradleak.experiments.reproduce_idlg.protocol import experiment_seeds
+from gradleak.experiments.reproduce_idlg.report import (
     summarise,
     write_combined_report,
     write_dataset_report,
 )
-from gradleak.experiments.reproduce_store import read_results
+from gradleak.experiments.reproduce_idlg.run import ReproduceRun, run_reproduce
 from gradleak.metrics import FIDELITY_THRESHOLDS
+from gradleak.sweep.store import read_results
 
 TIMING = {"seconds", "engine", "device"}  # what may differ between equal runs
 

@@ -12,7 +12,7 @@ import torch
 
 from gradleak.cli import main
 from gradleak.data import load_dataset
-from gradleak.experiments.reproduce_batch import (
+from gradleak.experiments.dlg_batch.run import (
     BatchRun,
     make_victim,
     read_rows,

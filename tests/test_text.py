@@ -14,7 +14,7 @@ import torch
 from gradleak.attacks.text import TextAttackConfig, TextDLG, leaked_tokens, sequence_length
 from gradleak.cli import main
 from gradleak.errors import ConfigError
-from gradleak.experiments.reproduce_text import TextReproduceRun, run_reproduce_text
+from gradleak.experiments.text.reproduce import TextReproduceRun, run_reproduce_text
 from gradleak.models.text import (
     TextModel,
     build_text_model,

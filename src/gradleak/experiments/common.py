@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from gradleak.errors import ConfigError
+from gradleak.sweep.store import write_json
+
+__all__ = ["derive_seeds", "finite_or_none", "resolve_device", "use_cpu_threads", "write_json"]
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -54,10 +54,3 @@ def derive_seeds(seed: int, count: int) -> list[int]:
 def finite_or_none(value: float) -> float | None:
     """JSON has no NaN or infinity; a diverged metric is written as null."""
     return value if math.isfinite(value) else None
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a crash never leaves half a file behind."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)

@@ -29,11 +29,11 @@ from gradleak.attacks.engine import attack_batch
 from gradleak.data import ImageDataset, load_dataset
 from gradleak.defenses import ALL, DEFENSES, build_defense, epsilon, get_defense, parse_strengths
 from gradleak.errors import ConfigError
-from gradleak.experiments import defend_plot
-from gradleak.experiments import defend_report as report
-from gradleak.experiments import defend_train as training
 from gradleak.experiments.common import finite_or_none, resolve_device, use_cpu_threads
-from gradleak.experiments.defend_protocol import (
+from gradleak.experiments.defend import plot as defend_plot
+from gradleak.experiments.defend import report
+from gradleak.experiments.defend import train as training
+from gradleak.experiments.defend.protocol import (
     SEEDING,
     Config,
     Experiment,
@@ -42,7 +42,7 @@ from gradleak.experiments.defend_protocol import (
     make_experiment,
     result_row,
 )
-from gradleak.experiments.defend_store import Store
+from gradleak.experiments.defend.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradleak.experiments import defend_plot
 from gradleak.experiments.common import write_json
+from gradleak.experiments.defend import plot as defend_plot
 from gradleak.metrics import FIDELITY_THRESHOLDS, fidelity
 
 METHODS = ("dlg", "idlg")

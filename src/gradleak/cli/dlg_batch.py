@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gradleak.errors import ConfigError
-from gradleak.experiments.reproduce_batch import BatchRun, parse_batch_sizes, run_reproduce_batch
+from gradleak.experiments.dlg_batch.run import BatchRun, parse_batch_sizes, run_reproduce_batch
 from gradleak.progress_bars import StageBars
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from gradleak.errors import ConfigError, DataError
-from gradleak.experiments.common import write_json
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +120,10 @@ def pin_run(out: Path, params: Mapping[str, Any]) -> dict[str, Any]:
             "use another --out, or the same settings to resume it"
         )
     return stored
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a crash never leaves half a file behind."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)

@@ -33,9 +33,9 @@ from gradleak import metrics
 from gradleak.attacks import DLG, IDLG, GradientInversion
 from gradleak.data import ImageDataset, load_dataset
 from gradleak.errors import ConfigError
-from gradleak.experiments import reproduce_batch_report as report
 from gradleak.experiments.common import finite_or_none, resolve_device, use_cpu_threads
-from gradleak.experiments.reproduce_store import RESULTS, append_results, pin_run, read_results
+from gradleak.experiments.dlg_batch import report
+from gradleak.sweep.store import RESULTS, append_results, pin_run, read_results
 from gradleak.threat import observe
 from gradleak.types import Observation, Reconstruction
 

@@ -24,9 +24,9 @@ import gradleak
 from gradleak.attacks import AttackConfig, GradientInversion, build_attack
 from gradleak.data import load_dataset
 from gradleak.errors import ConfigError
-from gradleak.experiments import reproduce_report as report
 from gradleak.experiments.common import resolve_device, use_cpu_threads
-from gradleak.experiments.reproduce_protocol import (
+from gradleak.experiments.reproduce_idlg import report
+from gradleak.experiments.reproduce_idlg.protocol import (
     DATASETS,
     METHODS,
     MODEL,
@@ -35,13 +35,13 @@ from gradleak.experiments.reproduce_protocol import (
     make_victim,
     result_row,
 )
-from gradleak.experiments.reproduce_store import (
+from gradleak.models import build_model
+from gradleak.sweep.store import (
     RESULTS,
     append_results,
     pin_run,
     read_results,
 )
-from gradleak.models import build_model
 from gradleak.types import Reconstruction
 
 __all__ = ["DATASETS", "ENGINES", "METHODS", "MODES", "ReproduceRun", "run_reproduce"]

@@ -19,8 +19,8 @@ from typing import Any
 
 from gradleak.attacks.text import MODES, TextAttackConfig
 from gradleak.errors import ConfigError
-from gradleak.experiments.attack_text import attack_sentence, format_trace
 from gradleak.experiments.common import derive_seeds, resolve_device, use_cpu_threads, write_json
+from gradleak.experiments.text.attack import attack_sentence, format_trace
 from gradleak.models.text import build_text_model
 
 log = logging.getLogger(__name__)

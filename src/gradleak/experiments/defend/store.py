@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gradleak.errors import ConfigError
-from gradleak.experiments.reproduce_store import append_results, pin_run, read_results
+from gradleak.sweep.store import append_results, pin_run, read_results
 
 log = logging.getLogger(__name__)
 

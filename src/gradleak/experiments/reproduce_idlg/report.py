@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from gradleak import report
-from gradleak.experiments import paper
 from gradleak.experiments.common import write_json
+from gradleak.experiments.reproduce_idlg import paper
 from gradleak.metrics import FIDELITY_THRESHOLDS, fidelity
 from gradleak.types import Reconstruction
 

@@ -1,0 +1,1 @@
+"""`gradleak defend`: defenses against the attacks, and their cost to the model."""

@@ -1,0 +1,1 @@
+"""Text: `gradleak attack-text` and `gradleak reproduce-text` (DLG on a masked LM)."""
