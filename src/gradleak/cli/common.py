@@ -7,7 +7,7 @@ import sys
 from typing import NoReturn
 
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 
 from gradleak.progress_bars import progress as progress_bar
 
@@ -57,3 +57,32 @@ def index_list(text: str) -> tuple[int, ...]:
 
 def loss_bar(console: Console) -> Progress:
     return progress_bar(console, "loss {task.fields[loss]}")
+
+
+def finish_loss_bar(progress: Progress, task: TaskID, steps: int, loss: float | None) -> None:
+    """End a loss bar where the attack stopped: its real step count and its final loss.
+
+    An attack that converges early stops before its budget, and the loss its
+    steps report is the optimiser's, not the one written to metrics.json.
+    """
+    progress.update(
+        task, total=steps, completed=steps, loss="diverged" if loss is None else f"{loss:.2e}"
+    )
+
+
+def add_sweep_options(parser: argparse.ArgumentParser) -> None:
+    """--workers and --ray, the same on every sweep command."""
+    group = parser.add_argument_group("where the work runs")
+    group.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="worker processes, one thread each (default: one per CPU core; 1: this process)",
+    )
+    group.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray: local (start one here), auto or HOST:PORT (join a cluster); "
+        'needs pip install "gradleak[ray]"',
+    )

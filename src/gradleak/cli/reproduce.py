@@ -8,7 +8,7 @@ import shlex
 from rich.console import Console
 from rich.table import Table
 
-from gradleak.cli.common import non_negative_int, positive_int
+from gradleak.cli.common import add_sweep_options, non_negative_int, positive_int
 from gradleak.errors import ConfigError
 from gradleak.progress_bars import StageBars
 
@@ -57,6 +57,7 @@ def add(commands: argparse._SubParsersAction) -> None:
         "--iterations", type=positive_int, default=300, help="L-BFGS steps at most (300)"
     )
     reproduce.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    add_sweep_options(reproduce)
     reproduce.set_defaults(handler=cmd_reproduce)
 
 
@@ -83,6 +84,8 @@ def cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
         chunk=args.chunk or 32,
         device=args.device,
         command=shlex.join(["gradleak", *args.argv]),
+        workers=args.workers,
+        ray=args.ray,
     )
     with StageBars(console, "experiments", lambda dataset: f"{run.paper} {dataset}") as bars:
         summaries = run_reproduce(run, callback=bars)

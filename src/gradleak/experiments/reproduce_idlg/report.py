@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from gradleak import report
-from gradleak.experiments.common import write_json
+from gradleak.experiments.common import data_source, write_json
 from gradleak.experiments.reproduce_idlg import paper
 from gradleak.metrics import FIDELITY_THRESHOLDS, fidelity
 from gradleak.types import Reconstruction
@@ -105,6 +105,13 @@ def save_strip_frames(
     DLG and iDLG of that experiment may finish in different invocations; each
     leaves its frames in ``strip-<method>.npz`` and the strip is drawn from those.
     """
+    tmp = out / f"strip-{method}.npz.tmp"
+    tmp.write_bytes(strip_frames(original, result))
+    tmp.replace(out / f"strip-{method}.npz")
+
+
+def strip_frames(original: torch.Tensor, result: Reconstruction) -> bytes:
+    """The contents of ``strip-<method>.npz``: the snapshots, the result, the original."""
     steps = [s.step for s in result.snapshots if s.step < result.steps]
     frames = [s.inputs[0] for s in result.snapshots if s.step < result.steps]
     frames.append(result.inputs[0].detach().cpu())
@@ -116,9 +123,7 @@ def save_strip_frames(
         frames=torch.stack([f.float() for f in frames]).numpy(),
         original=original.detach().float().cpu().numpy(),
     )
-    tmp = out / f"strip-{method}.npz.tmp"
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(out / f"strip-{method}.npz")
+    return buffer.getvalue()
 
 
 def _strip_rows(out: Path) -> list[tuple[str, list[tuple[str, torch.Tensor]]]]:
@@ -162,7 +167,8 @@ def write_dataset_report(out: Path, summary: dict[str, Any]) -> None:
             rows,
             title=f"{name}, experiment {STRIP_EXPERIMENT}: the dummy as L-BFGS runs ({mode})",
         )
-    lines = [f"# iDLG reproduction: {name}", "", *_run_lines(summary), ""]
+    lines = [f"# iDLG reproduction: {name}", "", *_run_lines(summary), *_data_lines(out, dataset)]
+    lines += [""]
     lines += ["## Table 1: label accuracy", "", "| method | ours | paper |", "|---|---|---|"]
     for m in METHODS:
         stats = methods[m]
@@ -195,6 +201,19 @@ def _run_lines(summary: Mapping[str, Any], scope: str = "") -> list[str]:
             else "; results: [results.jsonl](results.jsonl), [summary.json](summary.json)"
         ),
     ]
+
+
+def _data_lines(folder: Path, dataset: str) -> list[str]:
+    """How many images the victims came from (run.json's dataset size), and which split."""
+    name = NAMES.get(dataset, dataset)
+    if dataset == "lfw":
+        split = "LFW has no split: every image, as in the original iDLG code"
+    else:
+        split = (
+            f"gradleak draws from {name}'s test split, where the original iDLG code read "
+            "the train split (torchvision's default)"
+        )
+    return [f"- data: {data_source(folder, dataset)}", f"- split: {split}"]
 
 
 def _fidelity_table(dataset: str, methods: Mapping[str, Any]) -> list[str]:
@@ -265,6 +284,7 @@ def write_combined_report(out: Path, summaries: Sequence[Mapping[str, Any]]) -> 
         lines.append(f"| {NAMES[d]} | {s['experiments']} | {' | '.join(cells)} | {link} |")
     for s in summaries:
         lines += ["", f"### {NAMES[s['dataset']]}", ""]
+        lines += [*_data_lines(out / s["dataset"], s["dataset"]), ""]
         lines += _fidelity_table(s["dataset"], s["methods"])[2:]
         lines += ["", f"![{s['dataset']} fidelity]({s['dataset']}/fidelity.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -1,11 +1,13 @@
 """`gradleak reproduce idlg`: iDLG's Table 1 and Figure 1, resumable.
 
-Experiments (`reproduce_protocol`) run in groups of victims: every attack is
-appended to results.jsonl as soon as it ends, and a rerun of the same
-command skips what is there, so an interrupted run of 1000 experiments picks
-up where it stopped, losing only the attacks in flight.  Two engines attack a
-group: "sequential" (one victim after another, the reference) and "batched"
-(many victims at once).
+Experiments (protocol.py) run on the sweep runner in fixed groups of
+`--chunk` victims per method: every attack is appended to results.jsonl as
+soon as it ends, and a rerun of the same command skips what is there, so an
+interrupted run of 1000 experiments picks up where it stopped, losing only
+the attacks in flight.  Groups run in this process, on worker processes
+(`--workers`) or on Ray (`--ray`), with the same rows.  Two engines attack a
+group: "sequential" (one victim after another, the reference) and
+"batched" (many victims at once).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import gradleak
 from gradleak.attacks import AttackConfig, GradientInversion, build_attack
 from gradleak.data import load_dataset
 from gradleak.errors import ConfigError
-from gradleak.experiments.common import resolve_device, use_cpu_threads
+from gradleak.experiments.common import resolve_device
 from gradleak.experiments.reproduce_idlg import report
 from gradleak.experiments.reproduce_idlg.protocol import (
     DATASETS,
@@ -36,12 +38,10 @@ from gradleak.experiments.reproduce_idlg.protocol import (
     result_row,
 )
 from gradleak.models import build_model
-from gradleak.sweep.store import (
-    RESULTS,
-    append_results,
-    pin_run,
-    read_results,
-)
+from gradleak.outdir import prepare_out
+from gradleak.sweep.executors import make_executor
+from gradleak.sweep.runner import Emit, Group, chunked, run_sweep
+from gradleak.sweep.store import RESULTS, FolderLock, ResultsStore, pin_run
 from gradleak.types import Reconstruction
 
 __all__ = ["DATASETS", "ENGINES", "METHODS", "MODES", "ReproduceRun", "run_reproduce"]
@@ -72,8 +72,11 @@ class ReproduceRun:
         engine: "batched" (many victims at once) or "sequential".
         seed: Fixes every random choice of the run.
         out: Output folder.
-        chunk: Victims attacked at once; every result is saved as it ends.
+        chunk: Victims attacked at once (a group of the plan); every result
+            is saved as it ends.
         device: "auto", "cpu" or "cuda".
+        workers: Worker processes (None: one per CPU core; 1: this process).
+        ray: Run the groups as Ray tasks: "local", "auto" or "HOST:PORT".
         command: The command line, quoted in the report.
     """
 
@@ -89,6 +92,8 @@ class ReproduceRun:
     chunk: int = 32
     device: str = "auto"
     command: str = ""
+    workers: int | None = None
+    ray: str | None = None
 
     def __post_init__(self) -> None:
         _choose("paper", self.paper, PAPERS)
@@ -102,6 +107,8 @@ class ReproduceRun:
             raise ConfigError("--experiments and --chunk must be 1 or more")
         if self.seed < 0:
             raise ConfigError(f"--seed must be 0 or more, got {self.seed}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers must be 1 or more, got {self.workers}")
 
     def folder(self, dataset: str) -> Path:
         """Where `dataset`'s files go."""
@@ -116,78 +123,105 @@ def run_reproduce(
     Returns:
         The summary of each dataset, as written to its summary.json.
     """
-    device = resolve_device(run.device)
-    # LeNet-sized work, batched or not, is too small to split across threads: on
-    # the 2-core machine two threads ran the batched engine many times slower.
-    use_cpu_threads(device)
-    summaries = [_reproduce_dataset(run, name, device, callback) for name in run.datasets]
-    if run.nested:
-        report.write_combined_report(Path(run.out), summaries)
+    resolve_device(run.device)  # a bad --device fails before anything starts
+    out = prepare_out(run.out)
+    with FolderLock(out), make_executor(run.workers, run.ray) as executor:
+        summaries = [_reproduce_dataset(run, name, executor, callback) for name in run.datasets]
+        if run.nested:
+            report.write_combined_report(Path(run.out), summaries)
     return summaries
 
 
+@dataclass(frozen=True)
+class Work:
+    """What a worker needs to rebuild and attack a group of victims (picklable)."""
+
+    dataset: str
+    data_dir: str | None
+    seed: int
+    mode: str
+    engine: str
+    width: int
+    device: str
+
+
+def plan(
+    run: ReproduceRun, dataset: str, input_shape: tuple[int, ...], classes: int
+) -> list[Group]:
+    """The dataset's groups: per method, consecutive experiments, `--chunk` at a time.
+
+    Groups depend on the run's settings only (see sweep.runner), capped by
+    memory for many classes (LFW).
+    """
+    size = _fitting_chunk(run.chunk, input_shape, classes)
+    groups = []
+    for method in METHODS:
+        for part in chunked(range(run.experiments), size):
+            keys = tuple((e, method) for e in part)
+            groups.append(Group(keys, (method, tuple(part))))
+    return groups
+
+
 def _reproduce_dataset(
-    run: ReproduceRun, dataset: str, device: torch.device, callback: ProgressCallback | None
+    run: ReproduceRun, dataset: str, executor: Any, callback: ProgressCallback | None
 ) -> dict[str, Any]:
     started = time.perf_counter()
     data = load_dataset(dataset, data_dir=run.data_dir, download=None)
     out = run.folder(dataset)
     pin_run(out, _pinned(run, dataset, len(data)))
-    results_path = out / RESULTS
-    rows = read_results(results_path)
-    done = {(r["experiment"], r["method"]) for r in rows}
+    store = ResultsStore(out / RESULTS, key=_row_key)
     total = run.experiments
-    finished = sum(1 for e, _ in done if e < total)  # attacks, two per experiment
-
-    def progress(count: int = 0) -> None:
-        nonlocal finished
-        finished += count
-        if callback is not None:
-            callback(dataset, finished / len(METHODS), total)
+    device = resolve_device(run.device)
 
     def summarise() -> dict[str, Any]:
-        context = _context(run, dataset, device, time.perf_counter() - started)
-        return report.summarise(rows, experiments=total, **context)
+        context = _context(run, dataset, device, time.perf_counter() - started, executor)
+        return report.summarise(store.rows, experiments=total, **context)
 
-    attacks = {m: build_attack(m, AttackConfig(improved=run.mode == "improved")) for m in METHODS}
-    pending = [e for e in range(total) if any((e, m) not in done for m in METHODS)]
-    log.info("%s: %d of %d experiments to run", dataset, len(pending), total)
-    progress()
-
-    def save(method: str, victim: Victim, result: Reconstruction, seconds: float) -> None:
-        # Each result is saved as it ends.  Frames before the line: a kill in
-        # between reruns the attack, which rewrites them.
-        if victim.experiment == report.STRIP_EXPERIMENT:
-            report.save_strip_frames(out, method, victim.image, result)
-        row = result_row(victim, method, dataset, result, seconds, run.engine, device)
-        append_results(results_path, [row])
-        rows.append(row)
-        done.add((victim.experiment, method))
-        progress(1)
-        if len(rows) % run.chunk == 0:  # the summary, too, keeps up as the run goes
+    def on_row(row: dict[str, Any]) -> None:
+        if len(store.rows) % run.chunk == 0:  # the summary keeps up as the run goes
             report.write_summary(out, summarise())
 
-    # Improved attacks take every victim of a group at once; faithful ones
-    # take `chunk` at a time from a larger group, starting the next victim as
-    # soon as one finishes, so that the batch stays full (a group's last,
-    # slowest victims run almost alone).
-    wanted = run.chunk if run.mode == "improved" else max(run.chunk, FAITHFUL_GROUP)
-    group = _fitting_chunk(wanted, data.shape, data.num_classes)
-    if group < run.chunk:
-        log.info("%s: %d victims at a time (memory; --chunk %d)", dataset, group, run.chunk)
-    for start in range(0, len(pending), group):
-        victims = [
-            make_victim(data, dataset, run.seed, e, device) for e in pending[start : start + group]
-        ]
-        for method in METHODS:
-            todo = [v for v in victims if (v.experiment, method) not in done]
-            _attack(attacks[method], todo, run.engine, run.chunk, functools.partial(save, method))
+    def progress(done: int, items: int) -> None:
+        if callback is not None:
+            callback(dataset, done / len(METHODS), total)
+
+    groups = plan(run, dataset, data.shape, data.num_classes)
+    work = Work(dataset, run.data_dir, run.seed, run.mode, run.engine, run.chunk, run.device)
+    try:
+        run_sweep(store, groups, attack_group, work, executor, on_row=on_row, progress=progress)
+    finally:
         report.write_summary(out, summarise())
-        log.info("%s: %d attacks done", dataset, len(rows))
     summary = summarise()
-    report.write_summary(out, summary)
     report.write_dataset_report(out, summary)
     return summary
+
+
+def _row_key(row: Mapping[str, Any]) -> tuple[int, str]:
+    return int(row["experiment"]), str(row["method"])
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, data_dir: str | None) -> Any:
+    """Each worker process reads the dataset once."""
+    return load_dataset(name, data_dir=data_dir, download=None)
+
+
+def attack_group(work: Work, spec: tuple[str, tuple[int, ...]], emit: Emit) -> None:
+    """The sweep task: rebuild the group's victims and attack them with one method."""
+    method, experiments = spec
+    data = _dataset(work.dataset, work.data_dir)
+    device = resolve_device(work.device)
+    victims = [make_victim(data, work.dataset, work.seed, e, device) for e in experiments]
+    attack = build_attack(method, AttackConfig(improved=work.mode == "improved"))
+
+    def save(victim: Victim, result: Reconstruction, seconds: float) -> None:
+        files = None
+        if victim.experiment == report.STRIP_EXPERIMENT:
+            files = {f"strip-{method}.npz": report.strip_frames(victim.image, result)}
+        row = result_row(victim, method, work.dataset, result, seconds, work.engine, device)
+        emit(row, files)
+
+    _attack(attack, victims, work.engine, work.width, save)
 
 
 def _attack(
@@ -233,10 +267,6 @@ def _attack(
     )
 
 
-# Victims a faithful run loads at once (memory allowing), of which it attacks
-# `chunk` at a time.
-FAITHFUL_GROUP = 512
-
 # Memory the batched engine may use for one chunk; a victim costs about 20
 # float64 copies of the model's parameters (its weights, the shared gradient,
 # the replayed gradient and what differentiating it again keeps).
@@ -271,9 +301,12 @@ def _pinned(run: ReproduceRun, dataset: str, size: int) -> dict[str, Any]:
     }
 
 
-def _context(run: ReproduceRun, dataset: str, device: torch.device, wall: float) -> dict[str, Any]:
+def _context(
+    run: ReproduceRun, dataset: str, device: torch.device, wall: float, executor: Any
+) -> dict[str, Any]:
     """The summary's description of this invocation."""
     return {
+        "executor": executor.name,
         "paper": run.paper,
         "dataset": dataset,
         "mode": run.mode,
