@@ -302,6 +302,7 @@ def test_reports_from_results_alone(tmp_path: Path) -> None:
         for m in ("dlg", "idlg")
     ]  # fmt: skip
     summaries = []
+    sizes = {"mnist": 10000, "cifar100": 916, "lfw": 1499}  # as run.json pins them
     for dataset in ("mnist", "cifar100", "lfw"):
         context = {
             "dataset": dataset, "mode": "faithful", "engine": "sequential", "device": "cpu",
@@ -312,11 +313,19 @@ def test_reports_from_results_alone(tmp_path: Path) -> None:
         assert summary["methods"]["idlg"]["fidelity"]["0.01"] == 2 / 3
         assert summary["methods"]["dlg"]["diverged"] == 1 and summary["complete"] == 3
         (tmp_path / dataset).mkdir()
+        pinned = {"dataset": dataset, "dataset_size": sizes[dataset]}
+        (tmp_path / dataset / "run.json").write_text(json.dumps(pinned))
         write_dataset_report(tmp_path / dataset, summary)
         assert (tmp_path / dataset / "fidelity.png").exists()
         summaries.append(summary)
+    reports = {d: (tmp_path / d / "report.md").read_text() for d in sizes}
+    assert "all 10,000 of MNIST's test images (the full test split)" in reports["mnist"]
+    assert "MNIST's test split, where the original iDLG code read the train" in reports["mnist"]
+    assert "916 of CIFAR-100's 10,000 test images (a partial copy)" in reports["cifar100"]
+    assert "1,499 of LFW's 13,233 images (a partial copy)" in reports["lfw"]
     write_combined_report(tmp_path, summaries)
     combined = (tmp_path / "report.md").read_text()
+    assert "916 of CIFAR-100's 10,000 test images (a partial copy)" in combined
     assert "| CIFAR-100 | 3 | 66.7% / 83.3% | 66.7% / 100.0% |" in combined
     assert "lfw/fidelity.png" in combined
 

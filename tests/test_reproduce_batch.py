@@ -12,6 +12,7 @@ import torch
 
 from gradleak.cli import main
 from gradleak.data import load_dataset
+from gradleak.experiments.dlg_batch.report import summarise, write_report
 from gradleak.experiments.dlg_batch.run import (
     BatchRun,
     make_victim,
@@ -78,6 +79,23 @@ def test_run_writes_every_file_and_the_summary_agrees(small_run: Path) -> None:
     assert summary["model"] == "lenet" and "strides 2, 2, 1" in report
     for png in ("iterations.png", "strip.png"):
         assert (small_run / png).read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_report_names_a_partial_dataset(tmp_path: Path) -> None:
+    rows = [
+        {"batch_size": 2, "experiment": 0, "method": "dlg", "recovered": True,
+         "labels_exact": True, "iterations": 40, "evaluations": 50, "seconds": 1.0}
+    ]  # fmt: skip
+    context = {
+        "dataset": "cifar100", "model": "lenet", "iterations_cap": 50, "device": "cpu",
+        "seed": 0, "chunk": 1, "command": "gradleak reproduce dlg-batch", "wall_seconds": 1.0,
+        "torch": "0", "gradleak": "0",
+    }  # fmt: skip
+    summary = summarise(rows, (2,), 1, ("dlg",), **context)
+    (tmp_path / "run.json").write_text(json.dumps({"dataset": "cifar100", "dataset_size": 916}))
+    write_report(tmp_path, summary)
+    report = (tmp_path / "report.md").read_text()
+    assert "victims drawn from 916 of CIFAR-100's 10,000 test images (a partial copy)" in report
 
 
 def test_improved_variant_recovers_single_images(small_run: Path) -> None:

@@ -8,7 +8,7 @@ import shlex
 from rich.console import Console
 from rich.table import Table
 
-from gradleak.cli.common import non_negative_int, positive_int
+from gradleak.cli.common import add_sweep_options, non_negative_int, positive_int
 from gradleak.progress_bars import StageBars
 
 
@@ -46,11 +46,12 @@ def add(commands: argparse._SubParsersAction) -> None:
         "--chunk", type=positive_int, default=64, help="victims attacked at once (64)"
     )
     defend.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    add_sweep_options(defend)
     defend.set_defaults(handler=cmd_defend)
 
 
 def cmd_defend(args: argparse.Namespace, console: Console) -> None:
-    from gradleak.experiments.defend.report import verdict_text
+    from gradleak.experiments.defend.report import baseline_entry, verdict_text
     from gradleak.experiments.defend.run import DefendRun, plan, run_defend
 
     defenses, strengths = plan(args.defense, args.strengths)
@@ -68,6 +69,8 @@ def cmd_defend(args: argparse.Namespace, console: Console) -> None:
         chunk=args.chunk,
         device=args.device,
         command=shlex.join(["gradleak", *args.argv]),
+        workers=args.workers,
+        ray=args.ray,
     )
     names = {"attacks": "attacks (DLG + iDLG)", "training": "training runs (accuracy)"}
     with StageBars(console, "", names.__getitem__) as bars:
@@ -75,6 +78,7 @@ def cmd_defend(args: argparse.Namespace, console: Console) -> None:
     table = Table(title="defense audit (attack success: share of MSE < 1e-2; accuracy)")
     for column in ("defense", "iDLG", "DLG", "accuracy", "verdict"):
         table.add_column(column)
+    baseline = baseline_entry(summary["entries"])
     for entry in summary["entries"]:
         share = {m: entry["methods"][m]["fidelity"]["0.01"] for m in ("idlg", "dlg")}
         accuracy = entry["accuracy"]
@@ -82,7 +86,7 @@ def cmd_defend(args: argparse.Namespace, console: Console) -> None:
             entry["label"],
             *("n/a" if share[m] is None else f"{100 * share[m]:.0f}%" for m in ("idlg", "dlg")),
             "n/a" if accuracy is None else f"{100 * accuracy:.1f}%",
-            verdict_text(entry),
+            verdict_text(entry, baseline),
         )
     console.print(table)
     console.print(

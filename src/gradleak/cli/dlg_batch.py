@@ -39,6 +39,8 @@ def cmd_reproduce_batch(args: argparse.Namespace, console: Console) -> None:
         chunk=args.chunk or 16,
         device=args.device,
         command=shlex.join(["gradleak", *args.argv]),
+        workers=args.workers,
+        ray=args.ray,
     )
     with StageBars(console, "experiments", lambda size: f"dlg-batch B={size}") as bars:
         summary = run_reproduce_batch(run, callback=bars)

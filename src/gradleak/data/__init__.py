@@ -27,6 +27,7 @@ from gradleak.errors import ConfigError
 
 __all__ = [
     "DATASETS",
+    "FULL_SIZES",
     "ImageDataset",
     "default_data_dir",
     "load_dataset",
@@ -43,6 +44,16 @@ DATASETS: tuple[str, ...] = (
     "svhn",
 )
 SPLITS = ("test", "train")
+
+# Images in each dataset's full test split (LFW has no split: all of its images, of
+# 5,749 people), so a report can tell a partial copy from the whole.
+FULL_SIZES: dict[str, int] = {
+    "mnist": 10_000,
+    "cifar100": 10_000,
+    "cifar10": 10_000,
+    "lfw": 13_233,
+    "svhn": 26_032,
+}
 
 # Classes of the datasets whose label set is fixed (LFW's depends on num_classes).
 _FIXED_CLASSES = {"mnist": 10, "cifar100": 100, "cifar10": 10, "svhn": 10}

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from gradleak.data import FULL_SIZES
 from gradleak.errors import ConfigError
-from gradleak.sweep.store import write_json
+from gradleak.sweep.store import RUN, write_json
 
-__all__ = ["derive_seeds", "finite_or_none", "resolve_device", "use_cpu_threads", "write_json"]
+__all__ = [
+    "data_source",
+    "derive_seeds",
+    "finite_or_none",
+    "resolve_device",
+    "source_text",
+    "use_cpu_threads",
+    "write_json",
+]
 
 DEVICES = ("auto", "cpu", "cuda")
+DATASET_NAMES = {
+    "mnist": "MNIST",
+    "cifar100": "CIFAR-100",
+    "cifar10": "CIFAR-10",
+    "lfw": "LFW",
+    "svhn": "SVHN",
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -34,7 +52,7 @@ def use_cpu_threads(device: torch.device) -> None:
 
     A single attack is a long chain of small tensor ops (a LeNet on one
     image); splitting each across threads costs more than it saves.  On this
-    project's 2-core machine one thread ran an evaluation about 1.5x faster
+    project's 2-core machine one thread ran an evaluation about 3x faster
     than two (bench/threads.py, BENCHMARKS.md).
     """
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -54,3 +72,33 @@ def derive_seeds(seed: int, count: int) -> list[int]:
 def finite_or_none(value: float) -> float | None:
     """JSON has no NaN or infinity; a diverged metric is written as null."""
     return value if math.isfinite(value) else None
+
+
+def source_text(dataset: str, size: int | None) -> str:
+    """How many images the victims were drawn from, and whether that is the whole split.
+
+    Every experiment reads the test split (LFW has none: all its images). Example:
+    "victims drawn from 916 of CIFAR-100's 10,000 test images (a partial copy)".
+    """
+    name = DATASET_NAMES.get(dataset, dataset)
+    split = None if dataset == "lfw" else "test"
+    what = "images" if split is None else f"{split} images"
+    full = FULL_SIZES.get(dataset)
+    if size is None:
+        return f"victims drawn from {name}'s {what} (how many: not recorded)"
+    if full is None:
+        return f"victims drawn from the {size:,} {what} of {name}"
+    if size < full:
+        return f"victims drawn from {size:,} of {name}'s {full:,} {what} (a partial copy)"
+    whole = "set" if split is None else f"{split} split"
+    return f"victims drawn from all {size:,} of {name}'s {what} (the full {whole})"
+
+
+def data_source(folder: Path, dataset: str) -> str:
+    """`source_text` for the run in `folder`, from the dataset size its run.json pins."""
+    try:
+        pinned = json.loads((folder / RUN).read_text())
+    except (OSError, ValueError):
+        pinned = {}
+    size = pinned.get("dataset_size") if pinned.get("dataset", dataset) == dataset else None
+    return source_text(dataset, size)

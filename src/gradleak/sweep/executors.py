@@ -98,75 +98,98 @@ class Processes(_Closing):
     """N worker processes, each taking the next group as it finishes one.
 
     Workers are started with "spawn" (a fresh interpreter: no state of this
-    process, threads included, is inherited), die with this process (Linux:
-    PR_SET_PDEATHSIG), and ignore Ctrl-C, which this process handles by
-    ending them.  A worker that dies mid-group is reported; the others go on.
+    process, threads included, is inherited) on the first `run` and serve
+    every later one until `close` (each start costs seconds: importing
+    torch).  They die with this process (Linux: PR_SET_PDEATHSIG) and
+    ignore Ctrl-C, which this process handles by ending them.  A worker that
+    dies mid-group is reported and not replaced; the others go on.
     """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.name = f"{workers} worker processes"
+        self._procs: list[Any] = []
+        self._inboxes: list[Any] = []
+        self._outbox: Any = None
+        self._dead: set[int] = set()
+
+    def _start(self) -> None:
+        spawn = multiprocessing.get_context("spawn")
+        self._outbox = spawn.Queue()
+        self._inboxes = [spawn.Queue() for _ in range(self.workers)]
+        self._procs = [
+            spawn.Process(target=_worker_main, args=(w, inbox, self._outbox), daemon=True)
+            for w, inbox in enumerate(self._inboxes)
+        ]
+        for proc in self._procs:
+            proc.start()
+
+    def close(self) -> None:
+        for worker, inbox in enumerate(self._inboxes):
+            if worker not in self._dead:
+                inbox.put(None)
+        for proc in self._procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        self._procs, self._inboxes = [], []
 
     def run(self, task: Task, context: Any, groups: Sequence[Group], receive: Receive) -> list[str]:
         if not groups:
             return []
-        spawn = multiprocessing.get_context("spawn")
-        outbox = spawn.Queue()
-        count = min(self.workers, len(groups))
-        inboxes = [spawn.Queue() for _ in range(count)]
-        procs = [
-            spawn.Process(
-                target=_worker_main, args=(worker, task, context, inbox, outbox), daemon=True
-            )
-            for worker, inbox in enumerate(inboxes)
-        ]
-        busy: dict[int, int] = {}  # worker -> group index it is running
-        upcoming = list(range(len(groups)))
-        failures: list[str] = []
         previous = signal.getsignal(signal.SIGTERM)
         # `kill` of this process: end like Ctrl-C (workers stopped, files closed).
         signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            for proc in procs:
-                proc.start()
-
-            def hand_out(worker: int) -> None:
-                if upcoming:
-                    index = upcoming.pop(0)
-                    busy[worker] = index
-                    inboxes[worker].put((index, groups[index].spec))
-                else:
-                    inboxes[worker].put(None)
-
-            for worker in range(count):
-                hand_out(worker)
-            while busy:
-                try:
-                    message = outbox.get(timeout=0.5)
-                except queue.Empty:
-                    for worker in list(busy):
-                        proc = procs[worker]
-                        if not proc.is_alive():
-                            failures.append(_died(worker, proc.pid, proc.exitcode, groups, busy))
-                            del busy[worker]
-                    continue
-                kind, worker, index, *payload = message
-                if kind == "row":
-                    receive(index, *payload)
-                elif kind == "done":
-                    del busy[worker]
-                    hand_out(worker)
-                elif kind == "error":
-                    raise _rebuild(*payload)
-            for proc in procs:
-                proc.join(timeout=10)
+            if not self._procs:
+                self._start()
+            return self._serve(task, context, groups, receive)
+        except BaseException:
+            for proc in self._procs:  # an interrupt or an error: nothing more to wait for
+                proc.kill()
+            self._dead = set(range(len(self._procs)))
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
-            for proc in procs:
-                if proc.is_alive():
-                    proc.kill()
-            for proc in procs:
-                proc.join(timeout=5)
+
+    def _serve(
+        self, task: Task, context: Any, groups: Sequence[Group], receive: Receive
+    ) -> list[str]:
+        busy: dict[int, int] = {}  # worker -> the group it is running
+        upcoming = list(range(len(groups)))
+        failures: list[str] = []
+
+        def hand_out(worker: int) -> None:
+            if upcoming:
+                index = upcoming.pop(0)
+                busy[worker] = index
+                self._inboxes[worker].put((task, context, index, groups[index].spec))
+
+        for worker in range(len(self._procs)):
+            if worker not in self._dead:
+                hand_out(worker)
+        while busy:
+            try:
+                message = self._outbox.get(timeout=0.5)
+            except queue.Empty:
+                for worker in list(busy):
+                    proc = self._procs[worker]
+                    if not proc.is_alive():
+                        failures.append(_died(worker, proc.pid, proc.exitcode, groups, busy))
+                        self._dead.add(worker)
+                        del busy[worker]
+                continue
+            kind, worker, index, *payload = message
+            if kind == "row":
+                receive(index, *payload)
+            elif kind == "done":
+                del busy[worker]
+                hand_out(worker)
+            elif kind == "error":
+                raise _rebuild(*payload)
+        if upcoming:  # every worker died
+            failures.append(f"no worker left for {len(upcoming)} groups")
         return failures
 
 
@@ -174,7 +197,9 @@ def _died(
     worker: int, pid: int | None, code: int | None, groups: Sequence[Group], busy: dict
 ) -> str:
     how = (
-        f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit {code}"
+        f"signal {signal.Signals(-code).name}"
+        if code is not None and code < 0
+        else f"exit code {code}"
     )
     items = len(groups[busy[worker]].keys)
     return f"worker {worker} (process {pid}) died ({how}) in a group of {items} items"
@@ -184,7 +209,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _worker_main(worker: int, task: Task, context: Any, inbox: Any, outbox: Any) -> None:
+def _worker_main(worker: int, inbox: Any, outbox: Any) -> None:
     """A worker's loop: take a group, run its task, send every row, say done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
@@ -194,7 +219,7 @@ def _worker_main(worker: int, task: Task, context: Any, inbox: Any, outbox: Any)
         job = inbox.get()
         if job is None:
             return
-        index, spec = job
+        task, context, index, spec = job
         try:
             task(context, spec, functools.partial(_send, outbox, worker, index))
         except GradleakError as error:
@@ -260,16 +285,23 @@ class RayExecutor(_Closing):
         self.name = f"Ray ({address})"
         self._ray: Any = None
 
+    def __enter__(self) -> RayExecutor:
+        self._start()  # a dead address or a missing extra fails before any work
+        return self
+
+    def _start(self) -> None:
+        if self._ray is None:
+            ray = _import_ray()
+            self._connect(ray)
+            self._ray = ray
+
     def close(self) -> None:
         if self._ray is not None:
             self._ray.shutdown()  # a joined cluster keeps running; a local Ray ends here
             self._ray = None
 
     def run(self, task: Task, context: Any, groups: Sequence[Group], receive: Receive) -> list[str]:
-        if self._ray is None:
-            ray = _import_ray()
-            self._connect(ray)
-            self._ray = ray
+        self._start()
         ray = self._ray
         remote = ray.remote(num_cpus=1, max_retries=0, num_returns="streaming")(_ray_group)
         context_ref = ray.put(context)

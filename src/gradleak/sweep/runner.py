@@ -157,6 +157,7 @@ def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     tmp.replace(path)

@@ -137,13 +137,19 @@ def save_example(
     out: Path, label: str, method: str, recovered: torch.Tensor, original: torch.Tensor
 ) -> None:
     """Keep experiment 0's reconstruction under one defense for examples.png."""
-    folder = out / EXAMPLES
-    folder.mkdir(parents=True, exist_ok=True)
+    name, data = example_file(label, method, recovered, original)
+    (out / EXAMPLES).mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.tmp").write_bytes(data)
+    (out / f"{name}.tmp").replace(out / name)
+
+
+def example_file(
+    label: str, method: str, recovered: torch.Tensor, original: torch.Tensor
+) -> tuple[str, bytes]:
+    """The example's file, relative to the run folder, and its contents."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, recovered=recovered.float().numpy(), original=original.numpy())
-    name = f"{label.replace(' ', '_')}-{method}.npz"
-    (folder / f"{name}.tmp").write_bytes(buffer.getvalue())
-    (folder / f"{name}.tmp").replace(folder / name)
+    return f"{EXAMPLES}/{label.replace(' ', '_')}-{method}.npz", buffer.getvalue()
 
 
 def save_examples(out: Path, summary: Mapping[str, Any]) -> bool:

@@ -7,7 +7,9 @@ Attack success is the share of experiments whose reconstruction is within an
 MSE threshold of the private image: below 1e-2 (PSNR above 20 dB) a digit is
 still plainly recognisable; below 1e-3 it is near-exact.  A defense *stops*
 the attack at a strength when neither DLG nor iDLG gets more than
-`LEAK_LIMIT` of its reconstructions below 1e-2.
+`LEAK_LIMIT` of its reconstructions below 1e-2 -- unless the attacks recovered
+nothing from the undefended gradient either: then the verdict is
+"inconclusive".
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradleak.experiments.common import write_json
+from gradleak.experiments.common import data_source, write_json
 from gradleak.experiments.defend import plot as defend_plot
 from gradleak.metrics import FIDELITY_THRESHOLDS, fidelity
 
@@ -174,12 +176,15 @@ def write_all(out: Path, summary: dict[str, Any]) -> None:
     write_json(out / "summary.json", summary)
     defend_plot.save_defense_plot(out / "defense.png", summary)
     examples = defend_plot.save_examples(out, summary)
-    (out / "report.md").write_text("\n".join(_report_lines(summary, examples)) + "\n")
+    source = data_source(out, summary["dataset"])
+    (out / "report.md").write_text("\n".join(_report_lines(summary, examples, source)) + "\n")
 
 
-def _report_lines(summary: Mapping[str, Any], examples: bool) -> list[str]:
+def _report_lines(summary: Mapping[str, Any], examples: bool, source: str) -> list[str]:
     s = summary
-    baseline = next((e["accuracy"] for e in s["entries"] if e["defense"] == "none"), None)
+    none = baseline_entry(s["entries"])
+    baseline = None if none is None else none["accuracy"]
+    blind = none is not None and none["stops_attack"]  # nothing to stop
     lines = [
         f"# Defense audit: {s['dataset'].upper()}, DLG and iDLG against each defense",
         "",
@@ -189,6 +194,7 @@ def _report_lines(summary: Mapping[str, Any], examples: bool) -> list[str]:
         f"- N = {s['experiments']} experiments per defense and strength; attacks: "
         f"{s['mode']} mode, {s['iterations']} L-BFGS steps, seed {s['seed']}, "
         f"device {s['device']}",
+        f"- data: {source}",
         f"- time: this run's wall time {s['wall_seconds']:.0f} s "
         f"(attacks over all runs of this folder: {s['attack_seconds']:.0f} s)",
         f"- model cost: {s['training']}",
@@ -206,19 +212,15 @@ def _report_lines(summary: Mapping[str, Any], examples: bool) -> list[str]:
     ]
     for e in s["entries"]:
         i, d = e["methods"]["idlg"], e["methods"]["dlg"]
-        verdict = verdict_text(e).replace("stops it", "**stops it**")
+        verdict = verdict_text(e, none).replace("stops it", "**stops it**")
         lines.append(
             f"| {e['label']} | {_pair(i)} | {_pair(d)} | {_pct(i['label_accuracy'])} / "
             f"{_pct(d['label_accuracy'])} | {_num(i['psnr_mean'], '.1f')} "
             f"| {_num(i['ssim_mean'], '.2f')} | {_accuracy(e['accuracy'], baseline)} "
             f"| {_epsilon(e)} | {verdict} |"
         )
-    if any(e["defense"] == "none" and e["stops_attack"] for e in s["entries"]):
-        lines += [
-            "",
-            "**Without any defense the attacks rebuilt nothing either: the verdicts say "
-            "nothing here. Raise --iterations or --experiments.**",
-        ]
+    if blind:
+        lines += ["", INCONCLUSIVE]
     chance = s.get("chance_accuracy")
     if baseline is not None and chance is not None and baseline < 3 * chance:
         lines += [
@@ -242,10 +244,8 @@ def _report_lines(summary: Mapping[str, Any], examples: bool) -> list[str]:
         "|---|---|---|---|",
     ]
     for f in s["findings"]:
-        lines.append(
-            f"| {f['defense']} | {f['paper']} | {f['ours']} | "
-            f"{'yes' if f['agrees'] else '**no**'} |"
-        )
+        agrees = "inconclusive" if blind else "yes" if f["agrees"] else "**no**"
+        lines.append(f"| {f['defense']} | {f['paper']} | {f['ours']} | {agrees} |")
     lines += ["", *NOTES]
     return lines
 
@@ -267,14 +267,37 @@ NOTES = [
     "- MSE 1e-2 is a strict bar for the attacker: a digit under noise can still be read at "
     "MSE 2-5e-2 (see examples.png). 'Stops it' means no reconstruction came within MSE 1e-2, "
     "not that nothing can be seen.",
+    "- 'Inconclusive': nothing came within MSE 1e-2 under the defense, but nothing did without "
+    "a defense either, so the run cannot tell whether the defense helps.",
 ]
 
 
-def verdict_text(entry: Mapping[str, Any]) -> str:
-    """ "baseline" for no defense, else whether the defense stopped the attacks."""
+def verdict_text(entry: Mapping[str, Any], baseline: Mapping[str, Any] | None = None) -> str:
+    """ "baseline" for no defense, else whether the defense stopped the attacks.
+
+    A defense under which nothing was recovered is "inconclusive" when the
+    undefended `baseline` entry recovered nothing either: such a run cannot
+    tell whether the defense helps.
+    """
     if entry["defense"] == "none":
         return "baseline"
-    return "stops it" if entry["stops_attack"] else "leaks"
+    if not entry["stops_attack"]:
+        return "leaks"
+    if baseline is not None and baseline["stops_attack"]:
+        return "inconclusive"
+    return "stops it"
+
+
+def baseline_entry(entries: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The undefended ("none") entry, if the run has one."""
+    return next((e for e in entries if e["defense"] == "none"), None)
+
+
+INCONCLUSIVE = (
+    "**Inconclusive: the attack did not recover the undefended gradient either, so this "
+    "run cannot tell whether the defenses help. Run more iterations (--iterations) or "
+    "--improved.**"
+)
 
 
 def _pair(method: Mapping[str, Any]) -> str:

@@ -14,11 +14,12 @@ Rerunning the same command resumes: nothing written is recomputed.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from gradleak.attacks.engine import attack_batch
 from gradleak.data import ImageDataset, load_dataset
 from gradleak.defenses import ALL, DEFENSES, build_defense, epsilon, get_defense, parse_strengths
 from gradleak.errors import ConfigError
-from gradleak.experiments.common import finite_or_none, resolve_device, use_cpu_threads
+from gradleak.experiments.common import finite_or_none, resolve_device
 from gradleak.experiments.defend import plot as defend_plot
 from gradleak.experiments.defend import report
 from gradleak.experiments.defend import train as training
@@ -43,6 +44,10 @@ from gradleak.experiments.defend.protocol import (
     result_row,
 )
 from gradleak.experiments.defend.store import Store
+from gradleak.outdir import prepare_out
+from gradleak.sweep.executors import make_executor
+from gradleak.sweep.runner import Emit, Group, chunked, run_sweep
+from gradleak.sweep.store import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,8 @@ class DefendRun:
         device: "auto", "cpu" or "cuda".
         train_examples: Cap on the training part (None: all of it).
         command: The command line, quoted in the report.
+        workers: Worker processes (None: one per CPU core; 1: this process).
+        ray: Run the work as Ray tasks: "local", "auto" or "HOST:PORT".
     """
 
     dataset: str = "mnist"
@@ -89,6 +96,8 @@ class DefendRun:
     device: str = "auto"
     train_examples: int | None = None
     command: str = ""
+    workers: int | None = None
+    ray: str | None = None
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -139,115 +148,122 @@ def run_defend(run: DefendRun, *, callback: ProgressCallback | None = None) -> d
     """Run (or resume) the audit and write its files; returns the summary."""
     started = time.perf_counter()
     device = resolve_device(run.device)
-    use_cpu_threads(device)
     data = load_dataset(run.dataset, data_dir=run.data_dir, download=None)
-    store = Store(Path(run.out))
-    store.pin(_pinned(run, len(data)))
+    out = prepare_out(run.out)
+    store = Store(out)
     configs = run.configs()
-    _run_attacks(run, data, configs, store, device, callback)
-    costs = _run_training(run, data, configs, store, device, callback)
-    summary = report.summarise(
-        store.rows(),
-        costs,
-        configs,
-        experiments=run.experiments,
-        context=_context(run, data, device, time.perf_counter() - started),
-    )
-    report.write_all(Path(run.out), summary)
+    with FolderLock(out), make_executor(run.workers, run.ray) as executor:
+        store.pin(_pinned(run, len(data)))
+        attacks, training = store.attacks(), store.training()
+
+        def stage(name: str) -> Callable[[int, int], None]:
+            def progress(done: int, total: int) -> None:
+                if callback is not None:
+                    callback(name, done, total)
+
+            return progress
+
+        work = _Work(run, examples=max(examples_mixed(c) for c in configs))
+        try:
+            run_sweep(attacks, attack_plan(run, configs), attack_group, work, executor,
+                      progress=stage("attacks"))  # fmt: skip
+            groups = [Group((c,), c) for c in configs]
+            run_sweep(training, groups, train_group, work, executor, progress=stage("training"))
+        finally:
+            costs = _costs(run, training.rows)
+            summary = report.summarise(
+                attacks.rows,
+                costs,
+                configs,
+                experiments=run.experiments,
+                context=_context(run, data, device, time.perf_counter() - started, executor),
+            )
+            report.write_all(out, summary)
     return summary
 
 
-def _run_attacks(
-    run: DefendRun,
-    data: ImageDataset,
-    configs: list[Config],
-    store: Store,
-    device: torch.device,
-    callback: ProgressCallback | None,
-) -> None:
-    done = store.done()
-    total = len(configs) * run.experiments * len(METHODS)
-    pending = [
-        (c, e)
-        for e in range(run.experiments)
-        for c in configs
-        if any((*c, e, m) not in done for m in METHODS)
+@dataclass(frozen=True)
+class _Work:
+    """What a worker needs (picklable): the run and the most examples any defense mixes."""
+
+    run: DefendRun
+    examples: int
+
+
+def attack_plan(run: DefendRun, configs: list[Config]) -> list[Group]:
+    """Per method, `--chunk` (defense, strength, experiment) victims at a time."""
+    victims = [(c, e) for e in range(run.experiments) for c in configs]
+    return [
+        Group(tuple((*c, e, method) for c, e in part), (method, tuple(part)))
+        for method in METHODS
+        for part in chunked(victims, run.chunk)
     ]
-    finished = total - len(pending) * len(METHODS)
-    if callback is not None:
-        callback("attacks", finished, total)
-    config = AttackConfig(iterations=run.iterations, improved=run.improved)
-    attacks = {m: build_attack(m, config) for m in METHODS}
-    most = max(examples_mixed(c) for c in configs)
+
+
+@functools.lru_cache(maxsize=2)
+def _dataset(name: str, data_dir: str | None) -> ImageDataset:
+    """Each worker process reads the dataset once."""
+    return load_dataset(name, data_dir=data_dir, download=None)
+
+
+def attack_group(work: _Work, spec: tuple[str, tuple[tuple[Config, int], ...]], emit: Emit) -> None:
+    """The sweep task: attack one method on a group of defended victims.
+
+    A row's seconds are the group's attack time shared evenly.
+    """
+    method, victims = spec
+    run = work.run
+    device = resolve_device(run.device)
+    data = _dataset(run.dataset, run.data_dir)
     experiments: dict[int, Experiment] = {}
-    for start in range(0, len(pending), run.chunk):
-        chunk = pending[start : start + run.chunk]
-        for _, e in chunk:
-            if e not in experiments:
-                experiments[e] = make_experiment(data, run.seed, e, most, device)
-        views = [attacker_view(experiments[e], c) for c, e in chunk]
-        for method in METHODS:
-            todo = [i for i, (c, e) in enumerate(chunk) if (*c, e, method) not in done]
-            if not todo:
-                continue
-            clock = time.perf_counter()
-            results = attack_batch(
-                attacks[method],
-                [views[i][0] for i in todo],
-                [experiments[chunk[i][1]].seeds[method] for i in todo],
+    for _, e in victims:
+        if e not in experiments:
+            experiments[e] = make_experiment(data, run.seed, e, work.examples, device)
+    views = [attacker_view(experiments[e], c) for c, e in victims]
+    attack = build_attack(method, AttackConfig(iterations=run.iterations, improved=run.improved))
+    clock = time.perf_counter()
+    results = attack_batch(
+        attack, [view for view, _ in views], [experiments[e].seeds[method] for _, e in victims]
+    )
+    share = (time.perf_counter() - clock) / len(victims)
+    for (c, e), (_, mixed), result in zip(victims, views, results, strict=True):
+        files = None
+        if e == EXAMPLE_EXPERIMENT:  # sent with its line: written before it
+            label = c[0] if c[1] is None else f"{c[0]} {c[1]:g}"
+            name, data_bytes = defend_plot.example_file(
+                label, method, result.inputs[0].cpu(), experiments[e].images[0].cpu()
             )
-            share = (time.perf_counter() - clock) / len(todo)
-            rows = [
-                result_row(chunk[i][0], experiments[chunk[i][1]], views[i][1], method, r, share)
-                for i, r in zip(todo, results, strict=True)
-            ]
-            for i, r in zip(todo, results, strict=True):
-                c, e = chunk[i]
-                if e == EXAMPLE_EXPERIMENT:  # before its line: a kill in between redoes both
-                    label = c[0] if c[1] is None else f"{c[0]} {c[1]:g}"
-                    defend_plot.save_example(
-                        store.out, label, method, r.inputs[0].cpu(), experiments[e].images[0].cpu()
-                    )
-            store.append(rows)
-            done.update((r["defense"], r["strength"], r["experiment"], method) for r in rows)
-            finished += len(rows)
-            if callback is not None:
-                callback("attacks", finished, total)
-        log.info("%d of %d attacks done", finished, total)
+            files = {name: data_bytes}
+        emit(result_row(c, experiments[e], mixed, method, result, share), files)
 
 
-def _run_training(
-    run: DefendRun,
-    data: ImageDataset,
-    configs: list[Config],
-    store: Store,
-    device: torch.device,
-    callback: ProgressCallback | None,
-) -> dict[Config, dict[str, Any]]:
-    costs = store.costs()
-    todo = [c for c in configs if c not in costs]
-    if callback is not None:
-        callback("training", len(configs) - len(todo), len(configs))
-    if todo:
-        split = training.split_data(data, run.seed, limit=run.train_examples)
-    for number, config in enumerate(todo):
-        base = len(configs) - len(todo) + number
+def train_group(work: _Work, config: Config, emit: Emit) -> None:
+    """The sweep task: train LeNet with one defense and measure its test accuracy."""
+    run = work.run
+    data = _dataset(run.dataset, run.data_dir)
+    split = _split(run.dataset, run.data_dir, run.seed, run.train_examples)
+    defense = build_defense(*config, seed=run.seed + 1)  # its own noise, not the attacks'
+    cost = training.train_with_defense(
+        split,
+        defense,
+        dataset=run.dataset,
+        num_classes=data.num_classes,
+        seed=run.seed,
+        device=resolve_device(run.device),
+    )
+    row = {"defense": config[0], "strength": config[1], **dataclasses.asdict(cost)}
+    row["seconds"] = round(row["seconds"], 3)
+    emit(row, None)
 
-        def progress(steps: int, total: int, base: int = base) -> None:
-            if callback is not None:
-                callback("training", base + steps / total, len(configs))
 
-        defense = build_defense(*config, seed=run.seed + 1)  # its own noise, not the attacks'
-        cost = training.train_with_defense(
-            split,
-            defense,
-            dataset=run.dataset,
-            num_classes=data.num_classes,
-            seed=run.seed,
-            device=device,
-            progress=progress,
-        )
-        costs[config] = store.append_cost(config, cost)
+@functools.lru_cache(maxsize=1)
+def _split(dataset: str, data_dir: str | None, seed: int, limit: int | None) -> training.Split:
+    return training.split_data(_dataset(dataset, data_dir), seed, limit=limit)
+
+
+def _costs(run: DefendRun, rows: list[dict[str, Any]]) -> dict[Config, dict[str, Any]]:
+    """The training result of every (defense, strength), with DP-SGD's epsilon."""
+    costs = {(r["defense"], r["strength"]): dict(r) for r in rows}
     for (name, strength), cost in costs.items():
         if name == "dpsgd" and strength is not None:
             cost["epsilon"] = finite_or_none(
@@ -276,9 +292,10 @@ def _pinned(run: DefendRun, size: int) -> dict[str, Any]:
 
 
 def _context(
-    run: DefendRun, data: ImageDataset, device: torch.device, wall: float
+    run: DefendRun, data: ImageDataset, device: torch.device, wall: float, executor: Any
 ) -> dict[str, Any]:
     return {
+        "executor": executor.name,
         "dataset": run.dataset,
         "experiments": run.experiments,
         "iterations": run.iterations,

@@ -6,6 +6,7 @@ them whatever mix of runs and resumes wrote them.
 
 from __future__ import annotations
 
+import io
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from gradleak import report
-from gradleak.experiments.common import write_json
+from gradleak.experiments.common import data_source, write_json
 from gradleak.metrics import match_reconstructions
 from gradleak.types import Reconstruction
 
@@ -84,12 +85,23 @@ def save_strip_batch(
     out: Path, batch_size: int, method: str, originals: torch.Tensor, result: Reconstruction
 ) -> None:
     """Keep one batch's reconstructions (matched to the originals) for strip.png."""
+    path = out / strip_name(batch_size, method)
+    path.with_suffix(".tmp").write_bytes(strip_batch(originals, result))
+    path.with_suffix(".tmp").replace(path)
+
+
+def strip_name(batch_size: int, method: str) -> str:
+    """The file that keeps batch size `batch_size`'s strip row of `method`."""
+    return f"strip-b{batch_size}-{method}.npz"
+
+
+def strip_batch(originals: torch.Tensor, result: Reconstruction) -> bytes:
+    """The contents of a strip file: originals and matched reconstructions."""
     permutation, _ = match_reconstructions(result.inputs.cpu(), originals)
     matched = result.inputs.detach().cpu()[permutation].float().numpy()
-    path = out / f"strip-b{batch_size}-{method}.npz"
-    with open(path.with_suffix(".tmp"), "wb") as handle:
-        np.savez_compressed(handle, originals=originals.float().numpy(), matched=matched)
-    path.with_suffix(".tmp").replace(path)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, originals=originals.float().numpy(), matched=matched)
+    return buffer.getvalue()
 
 
 def _strip_rows(out: Path, summary: Mapping[str, Any]) -> list[tuple[str, list]]:
@@ -155,6 +167,7 @@ def write_report(out: Path, summary: Mapping[str, Any]) -> None:
         "(fresh per experiment), "
         f"N = {summary['experiments']} per batch size, at most {summary['iterations_cap']} "
         f"L-BFGS steps, device {summary['device']}, seed {summary['seed']}, batched engine",
+        f"- data: {data_source(out, summary['dataset'])}",
         f"- recovered: {summary['recovered_if']}",
         f"- time: {summary['attack_seconds']:.1f} s of attacks over all runs of this folder; "
         f"this run's wall time {summary['wall_seconds']:.1f} s",

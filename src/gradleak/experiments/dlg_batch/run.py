@@ -8,8 +8,9 @@ the same mean gradient with the batched engine.  A batch counts as recovered
 when, after matching reconstructions to originals by optimal assignment,
 every image has MSE below 1e-3 and every matched label is right.
 
-Lines go to results.jsonl after every chunk (one per batch size, experiment,
-method); a rerun of the same command skips what is there.
+Lines go to results.jsonl as attacks end (one per batch size, experiment,
+method); a rerun of the same command skips what is there.  Groups of
+`--chunk` experiments per batch size and method run on the sweep runner.
 
 Seeds: ``SeedSequence([seed, dataset_id, B, e]).spawn(4)`` -> model init,
 image choice, DLG's dummy, the improved variant's dummy; nothing else
@@ -18,9 +19,10 @@ image choice, DLG's dummy, the improved variant's dummy; nothing else
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +35,12 @@ from gradleak import metrics
 from gradleak.attacks import DLG, IDLG, GradientInversion
 from gradleak.data import ImageDataset, load_dataset
 from gradleak.errors import ConfigError
-from gradleak.experiments.common import finite_or_none, resolve_device, use_cpu_threads
+from gradleak.experiments.common import finite_or_none, resolve_device
 from gradleak.experiments.dlg_batch import report
-from gradleak.sweep.store import RESULTS, append_results, pin_run, read_results
+from gradleak.outdir import prepare_out
+from gradleak.sweep.executors import make_executor
+from gradleak.sweep.runner import Emit, Group, chunked, run_sweep
+from gradleak.sweep.store import RESULTS, FolderLock, ResultsStore, pin_run, read_results
 from gradleak.threat import observe
 from gradleak.types import Observation, Reconstruction
 
@@ -88,6 +93,8 @@ class BatchRun:
         chunk: Victims attacked at once.
         device: "auto", "cpu" or "cuda".
         command: The command line, quoted in the report.
+        workers: Worker processes (None: one per CPU core; 1: this process).
+        ray: Run the groups as Ray tasks: "local", "auto" or "HOST:PORT".
     """
 
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
@@ -102,6 +109,8 @@ class BatchRun:
     chunk: int = 16
     device: str = "auto"
     command: str = ""
+    workers: int | None = None
+    ray: str | None = None
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -214,51 +223,52 @@ def run_reproduce_batch(
     """
     started = time.perf_counter()
     device = resolve_device(run.device)
-    use_cpu_threads(device)
     data = load_dataset(run.dataset, data_dir=run.data_dir, download=None)
-    out = Path(run.out)
-    pin_run(out, _pinned(run, len(data)))
-    path = out / RESULTS
-    rows = read_rows(path)
-    done = {(r["batch_size"], r["experiment"], r["method"]) for r in rows}
-    attacks = build_attacks(run)
+    out = prepare_out(run.out)
+    if max(run.batch_sizes) > len(data):
+        raise ConfigError(
+            f"batch size {max(run.batch_sizes)} is larger than the dataset ({len(data)} images)"
+        )
+    with FolderLock(out), make_executor(run.workers, run.ray) as executor:
+        pin_run(out, _pinned(run, len(data)))
+        store = ResultsStore(out / RESULTS, key=row_key)
 
-    def summarise() -> dict[str, Any]:
-        context = _context(run, device, time.perf_counter() - started)
-        return report.summarise(rows, run.batch_sizes, run.experiments, run.methods, **context)
+        def summarise() -> dict[str, Any]:
+            context = _context(run, device, time.perf_counter() - started, executor)
+            return report.summarise(
+                store.rows, run.batch_sizes, run.experiments, run.methods, **context
+            )
 
-    for size in run.batch_sizes:
-        pending = [
-            e for e in range(run.experiments) if any((size, e, m) not in done for m in run.methods)
-        ]
-        finished = float(run.experiments - len(pending))
-        if callback is not None:
-            callback(size, finished, run.experiments)
-        log.info("B=%d: %d of %d experiments to run", size, len(pending), run.experiments)
-        for start in range(0, len(pending), run.chunk):
-            victims = [
-                make_victim(data, run, size, e, device) for e in pending[start : start + run.chunk]
-            ]
-            for method in run.methods:
-                todo = [v for v in victims if (size, v.experiment, method) not in done]
-                outcomes = _attack(attacks[method], method, todo)
-                for victim, (result, _) in zip(todo, outcomes, strict=True):
-                    if victim.experiment == report.STRIP_EXPERIMENT:
-                        report.save_strip_batch(out, size, method, victim.images, result)
-                new = [
-                    result_row(v, method, r, s) for v, (r, s) in zip(todo, outcomes, strict=True)
-                ]
-                append_results(path, new)
-                rows.extend(new)
-                done.update((size, v.experiment, method) for v in todo)
-                finished += len(todo) / len(run.methods)
+        def on_row(row: dict[str, Any]) -> None:
+            if len(store.rows) % run.chunk == 0:
+                report.write_summary(out, summarise())
+
+        for size in run.batch_sizes:
+
+            def progress(done: int, items: int, size: int = size) -> None:
                 if callback is not None:
-                    callback(size, finished, run.experiments)
-            report.write_summary(out, summarise())
-    summary = summarise()
-    report.write_summary(out, summary)
-    report.write_report(out, summary)
+                    callback(size, done / len(run.methods), run.experiments)
+
+            groups = [
+                Group(tuple((size, e, method) for e in part), (size, method, tuple(part)))
+                for method in run.methods
+                for part in chunked(range(run.experiments), run.chunk)
+            ]
+            try:
+                run_sweep(store, groups, attack_group, run, executor, on_row=on_row,
+                          progress=progress)  # fmt: skip
+            except BaseException:
+                report.write_summary(out, summarise())  # what was done, however it ends
+                raise
+        summary = summarise()
+        report.write_summary(out, summary)
+        report.write_report(out, summary)
     return summary
+
+
+def row_key(row: Mapping[str, Any]) -> tuple[int, int, str]:
+    """A line's identity: batch size, experiment, method."""
+    return int(row["batch_size"]), int(row["experiment"]), str(row["method"])
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -267,32 +277,49 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     Raises:
         DataError: A complete line is not a result line (the file was edited).
     """
-    return read_results(
-        path, key=lambda r: (int(r["batch_size"]), int(r["experiment"]), str(r["method"]))
-    )
+    return read_results(path, key=row_key)
 
 
-def _attack(
-    attack: GradientInversion, method: str, victims: Sequence[BatchVictim]
-) -> list[tuple[Reconstruction, float]]:
-    """Attack the victims (one batch size) together; seconds are shared evenly.
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, data_dir: str | None) -> ImageDataset:
+    """Each worker process reads the dataset once."""
+    return load_dataset(name, data_dir=data_dir, download=None)
+
+
+def attack_group(run: BatchRun, spec: tuple[int, str, tuple[int, ...]], emit: Emit) -> None:
+    """The sweep task: one batch size's victims, attacked together by one method.
 
     Models with buffers (BatchNorm) cannot be vmapped: their victims go
-    through the sequential engine, one after another.
+    through the sequential engine, one after another.  A row's seconds are
+    the wall time since the previous result of its group (their sum is the
+    group's time: the victims share it).
     """
-    if not victims:
-        return []
-    from gradleak.attacks.engine import attack_batch
+    size, method, experiments = spec
+    device = resolve_device(run.device)
+    data = _dataset(run.dataset, run.data_dir)
+    victims = [make_victim(data, run, size, e, device) for e in experiments]
+    attack = build_attacks(run)[method]
+    last = time.perf_counter()
 
-    start = time.perf_counter()
+    def save(index: int, result: Reconstruction) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        victim = victims[index]
+        files = None
+        if victim.experiment == report.STRIP_EXPERIMENT:
+            files = {report.strip_name(size, method): report.strip_batch(victim.images, result)}
+        emit(result_row(victim, method, result, now - last), files)
+        last = now
+
     observations = [v.observation for v in victims]
     seeds = [v.attack_seeds[method] for v in victims]
     if any(True for _ in observations[0].model.buffers()):
-        results = [attack(o, seed=s) for o, s in zip(observations, seeds, strict=True)]
-    else:
-        results = attack_batch(attack, observations, seeds)
-    share = (time.perf_counter() - start) / len(victims)
-    return [(result, share) for result in results]
+        for index, (observation, seed) in enumerate(zip(observations, seeds, strict=True)):
+            save(index, attack(observation, seed=seed))
+        return
+    from gradleak.attacks.engine import attack_batch
+
+    attack_batch(attack, observations, seeds, on_result=save)
 
 
 def _pinned(run: BatchRun, size: int) -> dict[str, Any]:
@@ -312,8 +339,9 @@ def _pinned(run: BatchRun, size: int) -> dict[str, Any]:
     }
 
 
-def _context(run: BatchRun, device: torch.device, wall: float) -> dict[str, Any]:
+def _context(run: BatchRun, device: torch.device, wall: float, executor: Any) -> dict[str, Any]:
     return {
+        "executor": executor.name,
         "dataset": run.dataset,
         "model": run.model,
         "iterations_cap": run.iterations,

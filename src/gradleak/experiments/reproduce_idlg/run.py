@@ -123,7 +123,9 @@ def run_reproduce(
     Returns:
         The summary of each dataset, as written to its summary.json.
     """
-    resolve_device(run.device)  # a bad --device fails before anything starts
+    resolve_device(run.device)  # bad input fails before anything is written
+    for name in run.datasets:
+        _dataset(name, run.data_dir)
     out = prepare_out(run.out)
     with FolderLock(out), make_executor(run.workers, run.ray) as executor:
         summaries = [_reproduce_dataset(run, name, executor, callback) for name in run.datasets]
@@ -166,7 +168,7 @@ def _reproduce_dataset(
     run: ReproduceRun, dataset: str, executor: Any, callback: ProgressCallback | None
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    data = load_dataset(dataset, data_dir=run.data_dir, download=None)
+    data = _dataset(dataset, run.data_dir)
     out = run.folder(dataset)
     pin_run(out, _pinned(run, dataset, len(data)))
     store = ResultsStore(out / RESULTS, key=_row_key)
@@ -189,9 +191,11 @@ def _reproduce_dataset(
     work = Work(dataset, run.data_dir, run.seed, run.mode, run.engine, run.chunk, run.device)
     try:
         run_sweep(store, groups, attack_group, work, executor, on_row=on_row, progress=progress)
-    finally:
-        report.write_summary(out, summarise())
+    except BaseException:
+        report.write_summary(out, summarise())  # what was done, however the run ends
+        raise
     summary = summarise()
+    report.write_summary(out, summary)
     report.write_dataset_report(out, summary)
     return summary
 
