@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--faithful-only", action="store_true", help="profile faithful mode")
     # speed: relative to faithful mode on the sequential engine (the paper's setting).
     args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the attacks then keep this count
     torch.set_num_threads(args.threads)
     observations, images = victims(args.dataset, args.victims, args.seed)
     rows = []

@@ -84,6 +84,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "missing image": (["--dataset", str(tmp_path / "nope.jpg")], "nope.jpg"),
         "zero iterations": (["--iterations", "0"], "--iterations"),
         "negative iterations": (["--iterations", "-5"], "--iterations"),
+        "negative seed": (["--seed", "-1"], "--seed: must be 0 or more"),
         "unknown option": (["--frobnicate"], "--frobnicate"),
     }
 

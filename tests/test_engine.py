@@ -132,15 +132,19 @@ def test_victims_with_batches_of_two_follow_the_sequential_engine() -> None:
 
 def test_refilled_batch_follows_the_same_trajectories() -> None:
     # Width 2 on 5 victims: three join as others finish.  Each victim's
-    # trajectory must not depend on which others share its batch.
+    # trajectory must not depend on which others share its batch, up to
+    # rounding: a batch of 5 or of 2 sums in another order (a victim's
+    # float64 gradient differs by up to ~4e-15).  Two steps keep that at
+    # rounding level; plain L-BFGS at lr 1 amplifies it (one of these five
+    # victims is 0.6 apart after 6 steps), which is why sweeps run fixed
+    # groups (sweep/runner.py) rather than relying on this.
     observations, _ = victims(5)
-    attack = IDLG(iterations=6, precision="float64")
+    attack = IDLG(iterations=2, precision="float64")
     wide = attack_batch(attack, observations, list(range(5)))
     narrow = attack_batch(attack, observations, list(range(5)), width=2)
     for a, b in zip(wide, narrow, strict=True):
         assert a.evaluations == b.evaluations
-        # vmap over 5 or 2 victims sums in a different order: rounding only.
-        torch.testing.assert_close(a.inputs, b.inputs, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.inputs, b.inputs, rtol=1e-5, atol=1e-5)
 
 
 def test_improved_batched_rebuilds_what_the_protocol_misses() -> None:

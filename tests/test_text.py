@@ -150,6 +150,7 @@ def test_attack_text_cli_on_a_model_folder(tmp_path: Path, tied_folder: Path) ->
     [
         (["   "], "the sentence is empty"),
         (["hello", "--model", "absent"], "model folder 'absent' not found"),
+        (["hello", "--seed", "-1"], "--seed: must be 0 or more"),
     ],
 )
 def test_attack_text_bad_input(tmp_path: Path, args: list[str], message: str) -> None:

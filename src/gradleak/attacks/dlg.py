@@ -24,7 +24,8 @@ import torch
 from gradleak.attacks.analytic import analytic_inputs, analytic_label_logits
 from gradleak.attacks.labels import batch_labels, idlg_label
 from gradleak.attacks.matching import matching_loss
-from gradleak.errors import ConfigError
+from gradleak.attacks.threads import attack_threads
+from gradleak.errors import AttackNotApplicable, ConfigError
 from gradleak.types import Observation, Reconstruction, Snapshot
 
 StepCallback = Callable[[int, float], None]
@@ -166,10 +167,15 @@ class GradientInversion:
             observation: What the attacker saw.
             seed: Seed of the dummy initialisation (equal seeds, equal results).
             callback: Called as ``callback(step, loss)`` after every step.
+
+        Raises:
+            AttackNotApplicable: The shared gradient is all zeros.
         """
-        generator = torch.Generator().manual_seed(seed)
-        labels = self.infer_labels(observation)
-        return _optimise(observation, labels, self.config, generator, callback)
+        require_nonzero_gradient(observation)
+        with attack_threads(observation.device):
+            generator = torch.Generator().manual_seed(seed)
+            labels = self.infer_labels(observation)
+            return _optimise(observation, labels, self.config, generator, callback)
 
     def infer_labels(self, observation: Observation) -> torch.Tensor | None:
         """Labels known before optimising, or None when the attack learns them."""
@@ -213,6 +219,26 @@ class IDLG(GradientInversion):
 
 
 ATTACKS: dict[str, type[GradientInversion]] = {"dlg": DLG, "idlg": IDLG}
+
+ZERO_GRADIENT_HINT = (
+    "a client loss of exactly zero, e.g. from a model with a single class, has no gradient; "
+    "use 2 or more classes"
+)
+
+
+def require_nonzero_gradient(
+    observation: Observation, *, victim: int | None = None, hint: str = ZERO_GRADIENT_HINT
+) -> None:
+    """Raise `AttackNotApplicable` when the shared gradient is all zeros.
+
+    A zero gradient says nothing about the input (with a single class, every
+    input gives it), so an attack would match it at once and report success
+    while recovering nothing.
+    """
+    if any(bool(g.any()) for g in observation.gradients):
+        return
+    whose = "shared gradient" if victim is None else f"shared gradient of victim {victim}"
+    raise AttackNotApplicable(f"the {whose} is all zeros: there is nothing to attack ({hint})")
 
 
 def build_attack(

@@ -22,9 +22,15 @@ from dataclasses import dataclass, field
 import torch
 
 from gradleak.attacks.analytic import analytic_inputs, analytic_label_logits
-from gradleak.attacks.dlg import WARM_PATIENCE, AttackConfig, GradientInversion
+from gradleak.attacks.dlg import (
+    WARM_PATIENCE,
+    AttackConfig,
+    GradientInversion,
+    require_nonzero_gradient,
+)
 from gradleak.attacks.lbfgs import FaithfulLBFGS, RobustLBFGS
 from gradleak.attacks.objective import BatchedObjective
+from gradleak.attacks.threads import attack_threads
 from gradleak.types import Observation, Reconstruction, Snapshot
 
 
@@ -67,11 +73,28 @@ def attack_batch(
 
     Returns:
         One reconstruction per victim, in input order.
+
+    Raises:
+        AttackNotApplicable: A victim's shared gradient is all zeros.
     """
     if len(observations) != len(seeds):
         raise ValueError("one seed per observation")
     if not observations:
         return []
+    for i, observation in enumerate(observations):
+        require_nonzero_gradient(observation, victim=i if len(observations) > 1 else None)
+    with attack_threads(observations[0].device):
+        return _attack_batch(attack, observations, seeds, snapshots, on_result, width)
+
+
+def _attack_batch(
+    attack: GradientInversion,
+    observations: Sequence[Observation],
+    seeds: Sequence[int],
+    snapshots: Sequence[bool] | None,
+    on_result: Callable[[int, Reconstruction], None] | None,
+    width: int,
+) -> list[Reconstruction]:
     config = attack.config
     labels = None
     if not attack.learns_labels:

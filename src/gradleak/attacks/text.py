@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gradleak.attacks.dlg import require_nonzero_gradient
+from gradleak.attacks.threads import attack_threads
 from gradleak.errors import AttackNotApplicable, ConfigError
 from gradleak.types import Observation
 
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, float], None]
 MODES = ("improved", "faithful")
+TEXT_ZERO_HINT = "a client loss of exactly zero has no gradient; check the model and the step"
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,22 @@ class TextDLG:
             frame: Ids of the tokens around every sentence ([CLS], [SEP]).
             seed: Seed of the dummy initialisation (equal seeds, equal results).
             callback: Called as ``callback(step, loss)`` after every step.
+
+        Raises:
+            AttackNotApplicable: The shared gradient is all zeros, or shows
+                too few positions or tokens.
         """
+        require_nonzero_gradient(observation, hint=TEXT_ZERO_HINT)
+        with attack_threads(observation.device):
+            return self._attack(observation, frame, seed, callback)
+
+    def _attack(
+        self,
+        observation: Observation,
+        frame: tuple[int, int],
+        seed: int,
+        callback: StepCallback | None,
+    ) -> TextReconstruction:
         config = self.config
         length = sequence_length(observation)
         if length < 3:

@@ -7,7 +7,13 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from gradleak.cli.common import index_list, loss_bar, non_negative_int, positive_int
+from gradleak.cli.common import (
+    finish_loss_bar,
+    index_list,
+    loss_bar,
+    non_negative_int,
+    positive_int,
+)
 
 
 def add(commands: argparse._SubParsersAction) -> None:
@@ -42,7 +48,9 @@ def add(commands: argparse._SubParsersAction) -> None:
         "--model", default="lenet", help="lenet (default), lenet-dlg, resnet20, resnet56"
     )
     attack.add_argument("--iterations", type=positive_int, default=300, help="L-BFGS steps (300)")
-    attack.add_argument("--seed", type=int, default=0, help="seed of model and dummy init (0)")
+    attack.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of model and dummy init (0)"
+    )
     attack.add_argument(
         "--improved",
         action="store_true",
@@ -86,7 +94,7 @@ def cmd_attack(args: argparse.Namespace, console: Console) -> None:
 
     try:
         row = run_attack(run, callback=on_step)
-        progress.update(task, completed=run.iterations)
+        finish_loss_bar(progress, task, row["iterations"], row["matching_loss"])
     finally:
         if progress.live.is_started:
             progress.stop()

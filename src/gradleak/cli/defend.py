@@ -43,7 +43,10 @@ def add(commands: argparse._SubParsersAction) -> None:
     defend.add_argument("--delta", type=float, default=1e-5, help="DP-SGD's delta (1e-5)")
     defend.add_argument("--out", default="runs/defend", help="output folder (runs/defend)")
     defend.add_argument(
-        "--chunk", type=positive_int, default=64, help="victims attacked at once (64)"
+        "--chunk",
+        type=positive_int,
+        default=64,
+        help="victims attacked at once, one group of work per method (64)",
     )
     defend.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     add_sweep_options(defend)

@@ -8,7 +8,13 @@ import shlex
 from rich.console import Console
 from rich.table import Table
 
-from gradleak.cli.common import loss_bar, non_negative_int, positive_int
+from gradleak.cli.common import (
+    add_sweep_options,
+    finish_loss_bar,
+    loss_bar,
+    non_negative_int,
+    positive_int,
+)
 from gradleak.progress_bars import StageBars
 
 
@@ -27,7 +33,9 @@ def add(commands: argparse._SubParsersAction) -> None:
     text.add_argument("--mode", default="improved", help="improved (default) or faithful")
     text.add_argument("--iterations", type=positive_int, default=100, help="L-BFGS steps (100)")
     text.add_argument("--trace-every", type=positive_int, default=1, help="trace every N steps (1)")
-    text.add_argument("--seed", type=int, default=0, help="seed of model and dummy init (0)")
+    text.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of model and dummy init (0)"
+    )
     text.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     text.add_argument("--out", default="runs/attack-text", help="output folder")
     text.set_defaults(handler=cmd_attack_text)
@@ -45,6 +53,7 @@ def add(commands: argparse._SubParsersAction) -> None:
     figure.add_argument("--seed", type=non_negative_int, default=0, help="run seed (0)")
     figure.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     figure.add_argument("--out", default="runs/reproduce-text", help="output folder")
+    add_sweep_options(figure)
     figure.set_defaults(handler=cmd_reproduce_text)
 
 
@@ -75,7 +84,7 @@ def cmd_attack_text(args: argparse.Namespace, console: Console) -> None:
 
     try:
         row = run_attack_text(run, callback=on_step)
-        progress.update(task, completed=run.iterations)
+        finish_loss_bar(progress, task, row["iterations"], row["matching_loss"])
     finally:
         if progress.live.is_started:
             progress.stop()
@@ -104,8 +113,10 @@ def cmd_reproduce_text(args: argparse.Namespace, console: Console) -> None:
         device=args.device,
         out=args.out,
         command=shlex.join(["gradleak", *args.argv]),
+        workers=args.workers,
+        ray=args.ray,
     )
-    with StageBars(console, "sentences", lambda mode: f"DLG text, {mode}") as bars:
+    with StageBars(console, "sentences", lambda stage: "DLG text attacks") as bars:
         summary = run_reproduce_text(run, callback=bars)
     for mode, stats in summary["modes"].items():
         console.print(

@@ -28,6 +28,7 @@ from gradleak.experiments.common import (
     write_json,
 )
 from gradleak.models import MODELS, build_model
+from gradleak.outdir import prepare_out
 from gradleak.report import save_strip, save_strip_rows
 from gradleak.threat import observe
 from gradleak.types import Reconstruction
@@ -57,6 +58,10 @@ class AttackRun:
     batch_size: int | None = None
     indices: tuple[int, ...] | None = None
 
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be 0 or more, got {self.seed}")
+
 
 def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[str, Any]:
     """Simulate the victim, attack its gradient, write metrics.json and the strip.
@@ -76,8 +81,7 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
     victims = [dataset[i] for i in indices]
     images = torch.stack([image for image, _ in victims])
     labels = [label for _, label in victims]
-    out = Path(run.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(run.out)  # before the attack: a bad --out must not lose it
 
     model_seed, attack_seed = derive_seeds(run.seed, 2)
     model = build_model(

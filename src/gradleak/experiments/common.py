@@ -59,6 +59,17 @@ def use_cpu_threads(device: torch.device) -> None:
         torch.set_num_threads(1)
 
 
+def absolute_data_dir(data_dir: str | None) -> str:
+    """The data folder as an absolute path, resolved here, on the driver.
+
+    Sweep tasks may run on other machines (Ray), whose environment has
+    neither this process's working directory nor its $GRADLEAK_DATA.
+    """
+    from gradleak.data.locate import resolve_data_dir
+
+    return str(resolve_data_dir(data_dir).resolve())
+
+
 def derive_seeds(seed: int, count: int) -> list[int]:
     """Independent seeds for the separate random choices of one experiment.
 

@@ -17,6 +17,7 @@ know a client's dropout masks.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,10 @@ from gradleak.types import Observation
 log = logging.getLogger(__name__)
 
 VOCAB_FILE = Path(__file__).with_name("text_vocab.txt")
+SAFETENSORS_WEIGHTS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Weights in formats that are not safetensors (pickles and the like): refused.
+UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack")
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 
 
@@ -138,27 +143,52 @@ def build_text_model(config: TextModelConfig | None = None, *, seed: int = 0) ->
 def load_text_model(path: str | Path) -> TextModel:
     """A masked language model and its tokenizer from a folder on disk.
 
+    Only safetensors weights are loaded (``model.safetensors``, or the shards
+    ``model.safetensors.index.json`` names), never a pickle such as
+    ``pytorch_model.bin``: unpickling a file can run code.  The weights'
+    headers and config.json's ``model_type`` are checked before transformers
+    is called, so that a cut-off or foreign folder gets one clear line.
+
     Raises:
-        ConfigError: The folder is missing or holds no loadable model and tokenizer.
+        ConfigError: The folder is missing, holds no safetensors weights or
+            no loadable model and tokenizer, or its files are cut off.
     """
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ConfigError(
             f"model folder '{path}' not found: give a folder written by save_pretrained"
         )
+    weights = _safetensors_files(folder, path)
+    if not weights:
+        unsafe = sorted(p.name for p in folder.iterdir() if p.name.endswith(UNSAFE_SUFFIXES))
+        if unsafe:
+            raise ConfigError(
+                f"'{path}' holds {unsafe[0]} but no model.safetensors: gradleak loads only "
+                "safetensors weights (unpickling a file can run code); re-save the model with "
+                "save_pretrained(folder, safe_serialization=True)"
+            )
     if not (folder / "config.json").is_file():
         raise ConfigError(
             f"'{path}' holds no config.json: give a folder where a masked language model "
             "and its tokenizer were saved with save_pretrained"
         )
+    if not weights:
+        raise ConfigError(
+            f"'{path}' holds no model.safetensors: save the model there with "
+            "save_pretrained(folder, safe_serialization=True)"
+        )
+    _check_model_type(folder, path)
+    for file in weights:
+        _check_safetensors(file)
+    from safetensors import SafetensorError
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForMaskedLM.from_pretrained(
-            folder, local_files_only=True, attn_implementation="eager"
+            folder, local_files_only=True, use_safetensors=True, attn_implementation="eager"
         )
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(
             f"could not load a masked language model and tokenizer from '{path}': {reason}"
@@ -166,6 +196,79 @@ def load_text_model(path: str | Path) -> TextModel:
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
         raise ConfigError(f"the tokenizer in '{path}' has no [CLS]/[SEP]-style tokens")
     return TextModel(model=model.eval(), tokenizer=tokenizer, name=str(folder))
+
+
+def _safetensors_files(folder: Path, path: str | Path) -> list[Path]:
+    """The folder's safetensors weights (one file, or the shards an index names); [] if none."""
+    single = folder / SAFETENSORS_WEIGHTS
+    if single.is_file():
+        return [single]
+    index = folder / SAFETENSORS_INDEX
+    if not index.is_file():
+        return []
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(
+            f"'{index}' is not a valid weights index: save the model again with save_pretrained"
+        ) from None
+    for shard in shards:
+        if not (folder / shard).is_file():
+            raise ConfigError(
+                f"'{path}' lacks {shard}, a weights shard its {SAFETENSORS_INDEX} names: "
+                "copy the whole folder, or save the model again"
+            )
+    return [folder / shard for shard in shards]
+
+
+def _check_model_type(folder: Path, path: str | Path) -> None:
+    """Refuse a config.json that is not JSON or names no masked LM transformers knows."""
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"'{config_file}' is not valid JSON ({reason}): save the model again with "
+            "save_pretrained"
+        ) from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str) or not model_type:
+        raise ConfigError(
+            f"'{config_file}' names no model_type: save the model again with save_pretrained"
+        )
+    try:
+        import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    except ImportError:  # a transformers that keeps them elsewhere: its own error will do
+        return
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ConfigError(
+            f"'{config_file}' has model_type '{model_type}', which transformers "
+            f"{transformers.__version__} does not know: give a masked language model it "
+            "supports (e.g. bert, roberta, distilbert)"
+        )
+    if model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise ConfigError(
+            f"'{path}' holds a '{model_type}' model, which is not a masked language model: "
+            "give one such as bert, roberta or distilbert"
+        )
+
+
+def _check_safetensors(file: Path) -> None:
+    """Refuse a safetensors file that is cut off or corrupt (its header is checked)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as weights:
+            weights.keys()
+    except (SafetensorError, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+        raise ConfigError(
+            f"the weights file '{file}' is cut off or corrupt ({reason}): copy it again, or "
+            "save the model again with save_pretrained"
+        ) from None
 
 
 def check_sentence(sentence: str) -> None:

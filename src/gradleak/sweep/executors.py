@@ -7,7 +7,6 @@ task emits back to the runner in this process, which alone writes files.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import multiprocessing
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from gradleak.attacks.threads import attack_threads
 from gradleak.errors import ConfigError, GradleakError
 from gradleak.sweep.runner import Attachments, Group, Row, Task
 
@@ -72,22 +72,10 @@ class InProcess(_Closing):
     name = "this process"
 
     def run(self, task: Task, context: Any, groups: Sequence[Group], receive: Receive) -> list[str]:
-        with one_thread():
+        with attack_threads("cpu"):  # the workers' choice, here too
             for index, group in enumerate(groups):
                 task(context, group.spec, lambda row, files, i=index: receive(i, row, files))
         return []
-
-
-@contextlib.contextmanager
-def one_thread():  # noqa: ANN201 - a context manager
-    """One intra-op thread for the duration, unless the user set OMP_NUM_THREADS."""
-    before = torch.get_num_threads()
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------

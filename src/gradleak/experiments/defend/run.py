@@ -30,7 +30,7 @@ from gradleak.attacks.engine import attack_batch
 from gradleak.data import ImageDataset, load_dataset
 from gradleak.defenses import ALL, DEFENSES, build_defense, epsilon, get_defense, parse_strengths
 from gradleak.errors import ConfigError
-from gradleak.experiments.common import finite_or_none, resolve_device
+from gradleak.experiments.common import absolute_data_dir, finite_or_none, resolve_device
 from gradleak.experiments.defend import plot as defend_plot
 from gradleak.experiments.defend import report
 from gradleak.experiments.defend import train as training
@@ -163,7 +163,8 @@ def run_defend(run: DefendRun, *, callback: ProgressCallback | None = None) -> d
 
             return progress
 
-        work = _Work(run, examples=max(examples_mixed(c) for c in configs))
+        located = dataclasses.replace(run, data_dir=absolute_data_dir(run.data_dir))
+        work = _Work(located, examples=max(examples_mixed(c) for c in configs))
         try:
             run_sweep(attacks, attack_plan(run, configs), attack_group, work, executor,
                       progress=stage("attacks"))  # fmt: skip

@@ -19,6 +19,7 @@ image choice, DLG's dummy, the improved variant's dummy; nothing else
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -35,7 +36,7 @@ from gradleak import metrics
 from gradleak.attacks import DLG, IDLG, GradientInversion
 from gradleak.data import ImageDataset, load_dataset
 from gradleak.errors import ConfigError
-from gradleak.experiments.common import finite_or_none, resolve_device
+from gradleak.experiments.common import absolute_data_dir, finite_or_none, resolve_device
 from gradleak.experiments.dlg_batch import report
 from gradleak.outdir import prepare_out
 from gradleak.sweep.executors import make_executor
@@ -243,6 +244,7 @@ def run_reproduce_batch(
             if len(store.rows) % run.chunk == 0:
                 report.write_summary(out, summarise())
 
+        work = dataclasses.replace(run, data_dir=absolute_data_dir(run.data_dir))
         for size in run.batch_sizes:
 
             def progress(done: int, items: int, size: int = size) -> None:
@@ -255,7 +257,7 @@ def run_reproduce_batch(
                 for part in chunked(range(run.experiments), run.chunk)
             ]
             try:
-                run_sweep(store, groups, attack_group, run, executor, on_row=on_row,
+                run_sweep(store, groups, attack_group, work, executor, on_row=on_row,
                           progress=progress)  # fmt: skip
             except BaseException:
                 report.write_summary(out, summarise())  # what was done, however it ends

@@ -26,7 +26,7 @@ import gradleak
 from gradleak.attacks import AttackConfig, GradientInversion, build_attack
 from gradleak.data import load_dataset
 from gradleak.errors import ConfigError
-from gradleak.experiments.common import resolve_device
+from gradleak.experiments.common import absolute_data_dir, resolve_device
 from gradleak.experiments.reproduce_idlg import report
 from gradleak.experiments.reproduce_idlg.protocol import (
     DATASETS,
@@ -188,7 +188,8 @@ def _reproduce_dataset(
             callback(dataset, done / len(METHODS), total)
 
     groups = plan(run, dataset, data.shape, data.num_classes)
-    work = Work(dataset, run.data_dir, run.seed, run.mode, run.engine, run.chunk, run.device)
+    data_dir = absolute_data_dir(run.data_dir)
+    work = Work(dataset, data_dir, run.seed, run.mode, run.engine, run.chunk, run.device)
     try:
         run_sweep(store, groups, attack_group, work, executor, on_row=on_row, progress=progress)
     except BaseException:

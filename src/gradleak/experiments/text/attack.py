@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
+import torch
+
 from gradleak.attacks.text import StepCallback, TextAttackConfig, TextDLG, TextReconstruction
+from gradleak.errors import ConfigError
 from gradleak.experiments.common import (
     derive_seeds,
     finite_or_none,
@@ -24,6 +26,7 @@ from gradleak.models.text import (
     load_text_model,
     observe_mlm,
 )
+from gradleak.outdir import prepare_out
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,10 @@ class TextAttackRun:
     device: str = "auto"
     out: str = "runs/attack-text"
 
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be 0 or more, got {self.seed}")
+
 
 def run_attack_text(run: TextAttackRun, *, callback: StepCallback | None = None) -> dict[str, Any]:
     """Simulate the client's step on the sentence, attack it, write metrics.json and trace.txt.
@@ -69,12 +76,18 @@ def run_attack_text(run: TextAttackRun, *, callback: StepCallback | None = None)
     text_model = (
         build_text_model(seed=model_seed) if run.model is None else load_text_model(run.model)
     )
+    ids = encode(text_model, run.sentence)  # a sentence the model cannot take fails first
+    out = prepare_out(run.out)  # before the attack: a bad --out must not lose it
     row, result = attack_sentence(
-        text_model, run.sentence, config, seed=attack_seed, device=device, callback=callback
+        text_model,
+        run.sentence,
+        config,
+        seed=attack_seed,
+        device=device,
+        callback=callback,
+        ids=ids,
     )
     row.update(seed=run.seed, device=str(device), config=asdict(config))
-    out = Path(run.out)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", row)
     (out / "trace.txt").write_text(format_trace(text_model, result, row))
     log.info("wrote %s", out)
@@ -89,9 +102,13 @@ def attack_sentence(
     seed: int,
     device: object = "cpu",
     callback: StepCallback | None = None,
+    ids: torch.Tensor | None = None,
 ) -> tuple[dict[str, Any], TextReconstruction]:
-    """Encode, observe the client's step, attack; return the metrics row and the result."""
-    ids = encode(text_model, sentence)
+    """Encode, observe the client's step, attack; return the metrics row and the result.
+
+    `ids` is the sentence already encoded, if the caller has it.
+    """
+    ids = encode(text_model, sentence) if ids is None else ids
     model = text_model.model.to(device)
     observation = observe_mlm(model, ids.to(device))
     start = time.perf_counter()
