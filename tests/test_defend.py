@@ -181,6 +181,8 @@ def test_the_report_names_a_partial_dataset(tmp_path: Path) -> None:
         (["--dataset", "lfw"], "unknown dataset 'lfw'"),
         (["--delta", "2"], "--delta"),
         (["--data-dir", "/nonexistent/gradleak"], "mnist"),
+        (["--defense", "prune", "--strengths", "1"], "nothing to attack"),
+        (["--workers", "0"], "--workers"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

@@ -47,6 +47,8 @@ class DefenseSpec:
         build: ``(strength, seed) -> ClientDefense``.
         integer: The strength must be a whole number.
         upper: Largest allowed strength (the lowest is always 0).
+        below_upper: `upper` itself is not allowed (pruning everything
+            shares an all-zero gradient: there is nothing left to attack).
         log_scale: Plot the strength on a log axis.
     """
 
@@ -58,6 +60,7 @@ class DefenseSpec:
     integer: bool = False
     upper: float = math.inf
     log_scale: bool = True
+    below_upper: bool = False
 
     def check(self, strength: float | None) -> float | None:
         """Validate one strength; returns it as stored (a float, or None without a knob)."""
@@ -76,6 +79,11 @@ class DefenseSpec:
             )
             raise ConfigError(
                 f"{self.name} strength must be {bound} ({self.knob}), got {strength:g}"
+            )
+        if self.below_upper and strength == self.upper:
+            raise ConfigError(
+                f"{self.name} strength must be below {self.upper:g} ({self.knob}): at "
+                f"{self.upper:g} the client shares nothing but zeros, so there is nothing to attack"
             )
         if self.integer and strength != int(strength):
             raise ConfigError(f"{self.name} strength must be a whole number ({self.knob})")
@@ -103,7 +111,7 @@ DEFENSES: dict[str, DefenseSpec] = {
         DefenseSpec("prune", "zero the smallest-magnitude entries of each tensor",
                     "share of each tensor zeroed", (0.1, 0.2, 0.3, 0.5, 0.7),
                     lambda s, seed: ClientDefense("prune", s, prune(s)),
-                    upper=1.0, log_scale=False),
+                    upper=1.0, log_scale=False, below_upper=True),
         DefenseSpec("aggregate", "secure aggregation: only the mean of k clients is seen",
                     "clients k", (2, 4, 8), lambda s, seed: aggregate(int(s)), integer=True),
         DefenseSpec("batch", "one client, a batch of B examples", "batch size B", (2, 4, 8),
