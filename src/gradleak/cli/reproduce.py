@@ -43,7 +43,7 @@ def add(commands: argparse._SubParsersAction) -> None:
         "--chunk",
         type=positive_int,
         default=None,
-        help="victims attacked at once, one group of work per method (idlg 32; dlg-batch 16)",
+        help="victims attacked at once, one group of work per method (16)",
     )
     batch = reproduce.add_argument_group("dlg-batch only")
     batch.add_argument("--batch-sizes", default="1,2,4,8", help="batch sizes (1,2,4,8)")
@@ -81,7 +81,7 @@ def cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
         engine=args.engine,
         seed=args.seed,
         out=args.out or "runs/reproduce-idlg",
-        chunk=args.chunk or 32,
+        chunk=args.chunk or 16,
         device=args.device,
         command=shlex.join(["gradleak", *args.argv]),
         workers=args.workers,

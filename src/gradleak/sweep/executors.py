@@ -101,6 +101,11 @@ class Processes(_Closing):
         self._outbox: Any = None
         self._dead: set[int] = set()
 
+    def __enter__(self) -> Processes:
+        # Started now, the workers import torch while this process reads the data.
+        self._start()
+        return self
+
     def _start(self) -> None:
         spawn = multiprocessing.get_context("spawn")
         self._outbox = spawn.Queue()
@@ -203,6 +208,8 @@ def _worker_main(worker: int, inbox: Any, outbox: Any) -> None:
     _die_with_parent()
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
+    import gradleak.attacks.engine  # noqa: F401 - warm: every task uses it, import it while idle
+
     while True:
         job = inbox.get()
         if job is None:

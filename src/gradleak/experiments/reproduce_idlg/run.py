@@ -89,7 +89,7 @@ class ReproduceRun:
     engine: str = "batched"
     seed: int = 0
     out: str = "runs/reproduce-idlg"
-    chunk: int = 32
+    chunk: int = 16
     device: str = "auto"
     command: str = ""
     workers: int | None = None
