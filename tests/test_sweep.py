@@ -272,7 +272,10 @@ def test_bad_executor_input_is_one_line_and_exit_2(data_root: Path, tmp_path: Pa
         "--workers 0": ["--workers", "0"],
         "--ray on a dead address": ["--ray", "127.0.0.1:9"],
         "--ray without a port": ["--ray", "somewhere"],
+        "--out a file": ["--out", str(tmp_path / "a-file")],
+        "--out inside a file": ["--out", str(tmp_path / "a-file" / "run")],
     }
+    (tmp_path / "a-file").write_text("not a folder")
     for what, extra in checks.items():
         start = time.monotonic()
         done = cli(*reproduce_args(data_root, tmp_path / what.replace(" ", "_"), *extra))
