@@ -2,8 +2,8 @@
 
 from gradleak.attacks import DLG, IDLG, AttackConfig, build_attack, idlg_label
 from gradleak.models import build_model
-from gradleak.threat import observe
-from gradleak.types import Observation, Reconstruction
+from gradleak.threat import observe, observe_update
+from gradleak.types import Observation, Reconstruction, UpdateObservation
 
 __version__ = "0.1.0"
 
@@ -13,8 +13,10 @@ __all__ = [
     "AttackConfig",
     "Observation",
     "Reconstruction",
+    "UpdateObservation",
     "build_attack",
     "build_model",
     "idlg_label",
     "observe",
+    "observe_update",
 ]
