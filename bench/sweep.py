@@ -76,8 +76,9 @@ def start_cluster(ray: str, temp: Path) -> None:
     subprocess.run([ray, "stop", "--force"], capture_output=True)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     temp.mkdir(parents=True, exist_ok=True)
-    common = ["--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats"]
-    head = [ray, "start", "--head", "--port", str(HEAD_PORT), "--temp-dir", str(temp), *common]
+    common = ["--num-cpus", "1", "--disable-usage-stats"]
+    head = [ray, "start", "--head", "--port", str(HEAD_PORT), "--temp-dir", str(temp),
+            "--include-dashboard", "false", *common]  # fmt: skip
     node = [ray, "start", "--address", f"127.0.0.1:{HEAD_PORT}", *common]
     for command in (head, node):
         done = subprocess.run(command, capture_output=True, text=True, env=env)
