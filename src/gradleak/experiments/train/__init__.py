@@ -1,0 +1,1 @@
+"""`gradleak train`: train a model on the data at hand and keep its weights in safetensors."""
