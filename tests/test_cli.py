@@ -36,6 +36,8 @@ def test_attack_end_to_end(tmp_path: Path, method: str) -> None:
     assert row["method"] == method and row["dataset"] == "sample" and row["index"] == 0
     assert row["label_correct"] and row["predicted_label"] == row["true_label"] == 2
     assert row["mse"] < 1e-3 and row["ssim"] > 0.99
+    assert row["shared"] == "gradient" and row["per_image_psnr"] == [row["psnr"]]
+    assert row["per_image_ssim"][0] == pytest.approx(row["ssim"], abs=1e-6)
     png = (out / "reconstruction.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5_000
 
@@ -85,6 +87,13 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "zero iterations": (["--iterations", "0"], "--iterations"),
         "negative iterations": (["--iterations", "-5"], "--iterations"),
         "negative seed": (["--seed", "-1"], "--seed: must be 0 or more"),
+        "several local steps for iDLG": (
+            ["--local-steps", "2", "--batch-size", "2"],
+            "use --method ig",
+        ),
+        "missing weights": (["--weights", str(tmp_path / "w.safetensors")], "w.safetensors"),
+        "zero local lr": (["--local-lr", "0"], "--local-lr"),
+        "width for lenet": (["--width", "8"], "width"),
         "unknown option": (["--frobnicate"], "--frobnicate"),
     }
 
@@ -104,3 +113,17 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
         if not ok:
             failures.append(f"{case}: rc={done.returncode} stderr={done.stderr!r}")
     assert not failures, "\n".join(failures)
+
+
+def test_weights_of_another_model_are_one_line(tmp_path: Path) -> None:
+    from gradleak.models import build_model
+    from gradleak.models.weights import save_weights
+
+    path = tmp_path / "convnet.safetensors"
+    model = build_model("convnet", input_shape=(1, 28, 28), num_classes=10, seed=0, width=4)
+    save_weights(model, path, {"dataset": "mnist"})
+    done = gradleak("attack", "--model", "lenet", "--weights", str(path),
+                    "--out", str(tmp_path / "out"), tmp_path=tmp_path)  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "holds a convnet" in lines[0] and "lenet" in lines[0]

@@ -45,7 +45,34 @@ def add(commands: argparse._SubParsersAction) -> None:
         help="attack the mean gradient of these images, e.g. 3,17,42 (instead of --index)",
     )
     attack.add_argument(
-        "--model", default="lenet", help="lenet (default), lenet-dlg, resnet20, resnet56"
+        "--model",
+        default="lenet",
+        help="lenet (default), lenet-dlg, resnet20, resnet56, convnet, resnet18",
+    )
+    attack.add_argument(
+        "--weights",
+        default=None,
+        metavar="FILE",
+        help="trained weights for --model (a safetensors file from 'gradleak train')",
+    )
+    attack.add_argument(
+        "--width", type=positive_int, default=None, help="base width of convnet or resnet18"
+    )
+    client = attack.add_argument_group("the client's local training (FedAvg)")
+    client.add_argument(
+        "--local-steps",
+        type=positive_int,
+        default=1,
+        help="SGD steps the client runs before sending its weights (1: it shares a gradient)",
+    )
+    client.add_argument(
+        "--local-batch",
+        type=positive_int,
+        default=None,
+        help="images per local step (default: the whole batch)",
+    )
+    client.add_argument(
+        "--local-lr", type=float, default=0.1, help="the client's SGD learning rate (0.1)"
     )
     attack.add_argument("--iterations", type=positive_int, default=300, help="L-BFGS steps (300)")
     attack.add_argument(
@@ -78,6 +105,11 @@ def cmd_attack(args: argparse.Namespace, console: Console) -> None:
         improved=args.improved,
         device=args.device,
         out=args.out,
+        weights=args.weights,
+        width=args.width,
+        local_steps=args.local_steps,
+        local_batch=args.local_batch,
+        local_lr=args.local_lr,
         num_classes=args.num_classes,
         batch_size=args.batch_size,
         indices=args.indices,

@@ -8,6 +8,7 @@ assignment on MSE before any metric is computed.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -28,10 +29,11 @@ from gradleak.experiments.common import (
     write_json,
 )
 from gradleak.models import MODELS, build_model
+from gradleak.models.weights import load_weights
 from gradleak.outdir import prepare_out
 from gradleak.report import save_strip, save_strip_rows
-from gradleak.threat import observe
-from gradleak.types import Reconstruction
+from gradleak.threat import observe, observe_update
+from gradleak.types import Observation, Reconstruction, UpdateObservation
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +59,23 @@ class AttackRun:
     num_classes: int | None = None
     batch_size: int | None = None
     indices: tuple[int, ...] | None = None
+    weights: str | None = None
+    width: int | None = None
+    local_steps: int = 1
+    local_batch: int | None = None
+    local_lr: float = 0.1
 
     def __post_init__(self) -> None:
         if self.seed < 0:
             raise ConfigError(f"--seed must be 0 or more, got {self.seed}")
+        if self.local_steps < 1:
+            raise ConfigError(f"--local-steps must be 1 or more, got {self.local_steps}")
+        if not (math.isfinite(self.local_lr) and self.local_lr > 0):
+            raise ConfigError(f"--local-lr must be a number above 0, got {self.local_lr:g}")
+
+    def fedsgd(self, batch_size: int) -> bool:
+        """Whether the client shares one gradient (one local step on its whole batch)."""
+        return self.local_steps == 1 and self.local_batch in (None, batch_size)
 
 
 def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[str, Any]:
@@ -83,11 +98,37 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
     labels = [label for _, label in victims]
     out = prepare_out(run.out)  # before the attack: a bad --out must not lose it
 
-    model_seed, attack_seed = derive_seeds(run.seed, 2)
+    # The third seed (the client's order of mini-batches) leaves the first two as they were.
+    model_seed, attack_seed, client_seed = derive_seeds(run.seed, 3)
     model = build_model(
-        run.model, input_shape=dataset.shape, num_classes=dataset.num_classes, seed=model_seed
-    ).to(device)
-    observation = observe(model, images.to(device), torch.tensor(labels))
+        run.model,
+        input_shape=dataset.shape,
+        num_classes=dataset.num_classes,
+        seed=model_seed,
+        width=run.width,
+    )
+    if run.weights is not None:
+        load_weights(model, run.weights)  # one line if they are another model's
+    model = model.to(device)
+    targets = torch.tensor(labels, device=device)
+    if run.fedsgd(len(indices)):
+        observation: Observation | UpdateObservation = observe(model, images.to(device), targets)
+    else:
+        if not getattr(attack, "attacks_updates", False):
+            raise ConfigError(
+                f"{run.method} matches one gradient; a client running --local-steps "
+                f"{run.local_steps} (or a --local-batch smaller than its batch) sends an "
+                "update of several steps: use --method ig, which unrolls them"
+            )
+        observation = observe_update(
+            model,
+            images.to(device),
+            targets,
+            local_lr=run.local_lr,
+            local_steps=run.local_steps,
+            local_batch=run.local_batch,
+            seed=client_seed,
+        )
 
     start = time.perf_counter()
     result = attack(observation, seed=attack_seed, callback=callback)
@@ -98,6 +139,9 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
     order, per_image_mse = metrics.match_reconstructions(recovered, images)
     recovered = recovered[order]
     predicted = [int(result.labels[j]) for j in order]
+    pairs = list(zip(recovered, images, strict=True))
+    per_image_psnr = [metrics.psnr(r, o) for r, o in pairs]
+    per_image_ssim = [metrics.ssim(r[None], o[None]) for r, o in pairs]
     row: dict[str, Any] = {
         "method": run.method,
         "dataset": dataset.name,
@@ -120,9 +164,9 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
         "labels_correct": metrics.label_correct(predicted, labels),
         "per_image_mse": [finite_or_none(m) for m in per_image_mse],
         "mse": finite_or_none(sum(per_image_mse) / len(per_image_mse)),
-        "psnr": finite_or_none(
-            _mean(metrics.psnr(r, o) for r, o in zip(recovered, images, strict=True))
-        ),
+        "per_image_psnr": [finite_or_none(v) for v in per_image_psnr],
+        "per_image_ssim": [finite_or_none(v) for v in per_image_ssim],
+        "psnr": finite_or_none(_mean(per_image_psnr)),
         "ssim": finite_or_none(metrics.ssim(recovered, images)),
         "matching_loss": finite_or_none(result.final_loss),
         "converged": result.converged,
@@ -132,6 +176,11 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
         "seconds": round(seconds, 3),
         "seed": run.seed,
         "improved": run.improved,
+        "weights": run.weights,
+        "shared": "gradient" if run.fedsgd(len(indices)) else "update",
+        "local_steps": run.local_steps,
+        "local_batch": run.local_batch or len(indices),
+        "local_lr": run.local_lr,
         "device": str(device),
         "config": asdict(attack.config),
         "torch": torch.__version__,
