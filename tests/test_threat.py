@@ -329,3 +329,15 @@ def test_plain_python_int_labels_are_still_accepted() -> None:
     model = lenet()
     seen = observe(model, images(1)[0], 3)
     assert seen.batch_size == 1 and seen.num_classes == 10
+
+
+def test_observe_leaves_the_servers_batchnorm_statistics_alone(cifar: tuple) -> None:
+    # The client's train-mode forward moves BatchNorm's running statistics; they
+    # belong to the client's copy, not to the model the server (and attacker) holds.
+    images, labels = cifar
+    model = build_model("resnet20", input_shape=(3, 32, 32), num_classes=100, seed=0)
+    before = copy.deepcopy(model.state_dict())
+    seen = observe(model, images[:2], labels[:2])
+    assert seen.model is model
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name

@@ -115,7 +115,10 @@ def observe_aggregate(
     compute = step if step is not None else client_gradients
     shared = []
     for x, y in batches:
-        gradients = tuple(compute(model, x, y))
+        # A client trains its own copy: in train mode a BatchNorm forward updates the
+        # running statistics, which must not leak into the model the server holds.
+        client = copy.deepcopy(model) if any(True for _ in model.buffers()) else model
+        gradients = tuple(compute(client, x, y))
         shared.append(tuple(defense(gradients)) if defense is not None else gradients)
     if len(shared) == 1:
         mean = shared[0]  # one client: its gradient, bit for bit

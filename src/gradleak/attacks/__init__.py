@@ -9,6 +9,7 @@ from gradleak.attacks.dlg import (
     StepCallback,
     build_attack,
 )
+from gradleak.attacks.inverting import IGConfig, InvertingGradients
 from gradleak.attacks.labels import idlg_label, idlg_label_from_weight_gradient, last_linear_weight
 from gradleak.attacks.matching import matching_loss, soft_label_cross_entropy, squared_distance
 
@@ -18,6 +19,8 @@ __all__ = [
     "IDLG",
     "AttackConfig",
     "GradientInversion",
+    "IGConfig",
+    "InvertingGradients",
     "StepCallback",
     "build_attack",
     "idlg_label",
