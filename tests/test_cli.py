@@ -127,3 +127,22 @@ def test_weights_of_another_model_are_one_line(tmp_path: Path) -> None:
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert "holds a convnet" in lines[0] and "lenet" in lines[0]
+
+
+def test_inverting_gradients_attacks_a_fedavg_update(tmp_path: Path) -> None:
+    # Two built-in digits, two local steps of one image each: the client sends an
+    # update, IG unrolls it; a smoke run (few steps), checked for what it writes.
+    out = tmp_path / "ig"
+    done = gradleak("attack", "--method", "ig", "--model", "convnet", "--width", "4",
+                    "--batch-size", "2", "--local-steps", "2", "--local-batch", "1",
+                    "--local-lr", "0.01", "--iterations", "20", "--out", str(out),
+                    tmp_path=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    row = json.loads((out / "metrics.json").read_text())
+    assert row["method"] == "ig" and row["shared"] == "update" and not row["labels_given"]
+    assert (row["local_steps"], row["local_batch"], row["iterations"]) == (2, 1, 20)
+    assert len(row["per_image_psnr"]) == len(row["per_image_ssim"]) == 2
+    assert row["config"]["iterations"] == 20 and row["config"]["tv_scale"] == 0.2
+    assert (out / "reconstruction.png").read_bytes().startswith(b"\x89PNG")
+    known = gradleak("attack", "--labels", "known", "--out", str(out), tmp_path=tmp_path)
+    assert known.returncode == 2 and "--labels known is for --method ig" in known.stderr

@@ -23,7 +23,11 @@ def add(commands: argparse._SubParsersAction) -> None:
         description="Simulate one client step on a private image and attack the shared "
         "gradient with DLG or iDLG. Writes OUT/metrics.json and OUT/reconstruction.png.",
     )
-    attack.add_argument("--method", default="idlg", help="idlg (default) or dlg")
+    attack.add_argument(
+        "--method",
+        default="idlg",
+        help="idlg (default), dlg, or ig (Inverting Gradients: ReLU/BatchNorm models, updates)",
+    )
     attack.add_argument(
         "--dataset",
         default="sample",
@@ -74,7 +78,17 @@ def add(commands: argparse._SubParsersAction) -> None:
     client.add_argument(
         "--local-lr", type=float, default=0.1, help="the client's SGD learning rate (0.1)"
     )
-    attack.add_argument("--iterations", type=positive_int, default=300, help="L-BFGS steps (300)")
+    attack.add_argument(
+        "--iterations",
+        type=positive_int,
+        default=None,
+        help="optimiser steps (dlg/idlg: 300 L-BFGS steps; ig: 24,000 Adam steps, the paper's)",
+    )
+    attack.add_argument(
+        "--labels",
+        default="infer",
+        help="infer (default: read from the gradient or update) or known (ig only)",
+    )
     attack.add_argument(
         "--seed", type=non_negative_int, default=0, help="seed of model and dummy init (0)"
     )
@@ -92,7 +106,7 @@ def add(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_attack(args: argparse.Namespace, console: Console) -> None:
-    from gradleak.experiments.attack import AttackRun, run_attack
+    from gradleak.experiments.attack import AttackRun, planned_iterations, run_attack
 
     run = AttackRun(
         method=args.method,
@@ -110,19 +124,21 @@ def cmd_attack(args: argparse.Namespace, console: Console) -> None:
         local_steps=args.local_steps,
         local_batch=args.local_batch,
         local_lr=args.local_lr,
+        labels=args.labels,
         num_classes=args.num_classes,
         batch_size=args.batch_size,
         indices=args.indices,
     )
     progress = loss_bar(console)
-    task = progress.add_task(f"{run.method} attack", total=run.iterations, loss="")
+    total = planned_iterations(run)
+    task = progress.add_task(f"{run.method} attack", total=total, loss="")
 
     def on_step(step: int, loss: float) -> None:
         # The bar appears with the first step, so that bad input (found before
         # any step) prints its one error line and nothing else.
         if not progress.live.is_started:
             progress.start()
-        progress.update(task, completed=min(step + 1, run.iterations), loss=f"{loss:.2e}")
+        progress.update(task, completed=min(step + 1, total), loss=f"{loss:.2e}")
 
     try:
         row = run_attack(run, callback=on_step)

@@ -11,14 +11,15 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gradleak import metrics
-from gradleak.attacks import AttackConfig, StepCallback, build_attack
+from gradleak.attacks import AttackConfig, GradientInversion, StepCallback, build_attack
+from gradleak.attacks.inverting import IGConfig, InvertingGradients
 from gradleak.data import load_dataset
 from gradleak.errors import ConfigError, DataError
 from gradleak.experiments.common import (
@@ -37,6 +38,8 @@ from gradleak.types import Observation, Reconstruction, UpdateObservation
 
 log = logging.getLogger(__name__)
 
+METHODS = ("idlg", "dlg", "ig")
+
 
 @dataclass(frozen=True)
 class AttackRun:
@@ -51,7 +54,7 @@ class AttackRun:
     data_dir: str | None = None
     index: int = 0
     model: str = "lenet"
-    iterations: int = 300
+    iterations: int | None = None  # the method's own: 300 L-BFGS steps, IG's 24,000
     seed: int = 0
     improved: bool = False
     device: str = "auto"
@@ -64,12 +67,15 @@ class AttackRun:
     local_steps: int = 1
     local_batch: int | None = None
     local_lr: float = 0.1
+    labels: str = "infer"
 
     def __post_init__(self) -> None:
         if self.seed < 0:
             raise ConfigError(f"--seed must be 0 or more, got {self.seed}")
         if self.local_steps < 1:
             raise ConfigError(f"--local-steps must be 1 or more, got {self.local_steps}")
+        if self.labels not in ("infer", "known"):
+            raise ConfigError(f"unknown --labels '{self.labels}': choose infer or known")
         if not (math.isfinite(self.local_lr) and self.local_lr > 0):
             raise ConfigError(f"--local-lr must be a number above 0, got {self.local_lr:g}")
 
@@ -86,9 +92,7 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
     """
     if run.model not in MODELS:
         raise ConfigError(f"unknown model '{run.model}': choose one of {', '.join(MODELS)}")
-    attack = build_attack(
-        run.method, AttackConfig(iterations=run.iterations, improved=run.improved)
-    )
+    attack = _build_attack(run)
     device = resolve_device(run.device)
     use_cpu_threads(device)
     dataset = load_dataset(run.dataset, data_dir=run.data_dir, num_classes=run.num_classes)
@@ -114,7 +118,7 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
     if run.fedsgd(len(indices)):
         observation: Observation | UpdateObservation = observe(model, images.to(device), targets)
     else:
-        if not getattr(attack, "attacks_updates", False):
+        if not isinstance(attack, InvertingGradients):
             raise ConfigError(
                 f"{run.method} matches one gradient; a client running --local-steps "
                 f"{run.local_steps} (or a --local-batch smaller than its batch) sends an "
@@ -131,7 +135,15 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
         )
 
     start = time.perf_counter()
-    result = attack(observation, seed=attack_seed, callback=callback)
+    known = targets if run.labels == "known" else None
+    if known is not None and not isinstance(attack, InvertingGradients):
+        raise ConfigError(
+            "--labels known is for --method ig; iDLG reads the labels, DLG learns them"
+        )
+    if isinstance(attack, InvertingGradients):
+        result = attack(observation, seed=attack_seed, labels=known, callback=callback)
+    else:
+        result = attack(observation, seed=attack_seed, callback=callback)
     seconds = time.perf_counter() - start
 
     # Reconstruction order[i] is the one that belongs to original i.
@@ -162,6 +174,7 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
         "predicted_labels": predicted,
         "label_correct": metrics.label_correct(predicted, labels),
         "labels_correct": metrics.label_correct(predicted, labels),
+        "labels_given": run.labels == "known",
         "per_image_mse": [finite_or_none(m) for m in per_image_mse],
         "mse": finite_or_none(sum(per_image_mse) / len(per_image_mse)),
         "per_image_psnr": [finite_or_none(v) for v in per_image_psnr],
@@ -189,6 +202,28 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
     _save_reconstruction_strip(out / "reconstruction.png", images, result, order, row)
     log.info("wrote %s", out)
     return row
+
+
+def planned_iterations(run: AttackRun) -> int:
+    """The steps the attack will take at most (for a progress bar)."""
+    if run.iterations is not None:
+        return run.iterations
+    return IGConfig().iterations if run.method == "ig" else AttackConfig().iterations
+
+
+def _build_attack(run: AttackRun) -> GradientInversion | InvertingGradients:
+    """DLG or iDLG (L-BFGS, 300 steps by default) or Inverting Gradients (Adam)."""
+    if run.method not in METHODS:
+        raise ConfigError(f"unknown method '{run.method}': choose one of {', '.join(METHODS)}")
+    if run.method == "ig":
+        if run.improved:
+            raise ConfigError("--improved is for dlg and idlg; ig has its own optimiser")
+        config = IGConfig() if run.iterations is None else IGConfig(iterations=run.iterations)
+        return InvertingGradients(config)
+    config = AttackConfig(improved=run.improved)
+    if run.iterations is not None:
+        config = replace(config, iterations=run.iterations)
+    return build_attack(run.method, config)
 
 
 def victim_indices(run: AttackRun, size: int, name: str) -> list[int]:
