@@ -58,14 +58,23 @@ def add(commands: argparse._SubParsersAction) -> None:
     )
     reproduce.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     add_sweep_options(reproduce)
+    from gradleak.cli.reproduce_ig import add_options as add_ig_options
+
+    add_ig_options(reproduce)  # ig's own options; marks the defaults it shares
     reproduce.set_defaults(handler=cmd_reproduce)
 
 
 def cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     from gradleak.experiments.reproduce_idlg.run import DATASETS, ReproduceRun, run_reproduce
 
-    if args.paper not in ("idlg", "dlg-batch"):
-        raise ConfigError(f"unknown paper '{args.paper}': choose one of idlg, dlg-batch")
+    if args.paper not in ("idlg", "dlg-batch", "ig"):
+        raise ConfigError(f"unknown paper '{args.paper}': choose one of idlg, dlg-batch, ig")
+    from gradleak.cli.reproduce_ig import cmd_reproduce_ig, refuse_ig_options
+
+    if args.paper == "ig":
+        cmd_reproduce_ig(args, console)
+        return
+    refuse_ig_options(args)
     if args.paper == "dlg-batch":
         from gradleak.cli.dlg_batch import cmd_reproduce_batch
 
