@@ -22,7 +22,10 @@ def add(commands: argparse._SubParsersAction) -> None:
         "summary.json, fidelity.png, strip.png and report.md. Rerunning the same command "
         "on the same OUT resumes where it stopped.",
     )
-    reproduce.add_argument("paper", help="idlg (Table 1, Fig. 1) or dlg-batch (DLG Table 2)")
+    reproduce.add_argument(
+        "paper",
+        help="idlg (Table 1, Fig. 1), dlg-batch (DLG Table 2) or ig (an Inverting Gradients table)",
+    )
     which = reproduce.add_mutually_exclusive_group()  # idlg needs one: checked there
     which.add_argument("--dataset", help="mnist, cifar100 or lfw")
     which.add_argument(
