@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -10,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradleak.data import FULL_SIZES
+from gradleak.data import FULL_SIZES, ImageDataset
 from gradleak.errors import ConfigError
 from gradleak.sweep.store import RUN, write_json
 
 __all__ = [
     "data_source",
+    "cached_dataset",
     "derive_seeds",
     "finite_or_none",
     "resolve_device",
@@ -68,6 +70,23 @@ def absolute_data_dir(data_dir: str | None) -> str:
     from gradleak.data.locate import resolve_data_dir
 
     return str(resolve_data_dir(data_dir).resolve())
+
+
+def cached_dataset(name: str, data_dir: str | None) -> ImageDataset:
+    """Dataset `name`, read once per process (the driver and every worker).
+
+    The folder is resolved first, so the driver's read (with the user's
+    relative or default folder) and its tasks' reads (with the absolute path
+    they are sent) share one entry when the sweep runs in this process.
+    """
+    return _read_dataset(name, absolute_data_dir(data_dir))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_dataset(name: str, data_dir: str) -> ImageDataset:
+    from gradleak.data import load_dataset
+
+    return load_dataset(name, data_dir=data_dir, download=None)
 
 
 def derive_seeds(seed: int, count: int) -> list[int]:

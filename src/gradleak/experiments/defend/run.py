@@ -27,10 +27,15 @@ import torch
 import gradleak
 from gradleak.attacks import AttackConfig, build_attack
 from gradleak.attacks.engine import attack_batch
-from gradleak.data import ImageDataset, load_dataset
+from gradleak.data import ImageDataset
 from gradleak.defenses import ALL, DEFENSES, build_defense, epsilon, get_defense, parse_strengths
 from gradleak.errors import ConfigError
-from gradleak.experiments.common import absolute_data_dir, finite_or_none, resolve_device
+from gradleak.experiments.common import (
+    absolute_data_dir,
+    cached_dataset,
+    finite_or_none,
+    resolve_device,
+)
 from gradleak.experiments.defend import plot as defend_plot
 from gradleak.experiments.defend import report
 from gradleak.experiments.defend import train as training
@@ -148,7 +153,7 @@ def run_defend(run: DefendRun, *, callback: ProgressCallback | None = None) -> d
     """Run (or resume) the audit and write its files; returns the summary."""
     started = time.perf_counter()
     device = resolve_device(run.device)
-    data = load_dataset(run.dataset, data_dir=run.data_dir, download=None)
+    data = cached_dataset(run.dataset, run.data_dir)
     out = prepare_out(run.out)
     store = Store(out)
     configs = run.configs()
@@ -201,12 +206,6 @@ def attack_plan(run: DefendRun, configs: list[Config]) -> list[Group]:
     ]
 
 
-@functools.lru_cache(maxsize=2)
-def _dataset(name: str, data_dir: str | None) -> ImageDataset:
-    """Each worker process reads the dataset once."""
-    return load_dataset(name, data_dir=data_dir, download=None)
-
-
 def attack_group(work: _Work, spec: tuple[str, tuple[tuple[Config, int], ...]], emit: Emit) -> None:
     """The sweep task: attack one method on a group of defended victims.
 
@@ -215,7 +214,7 @@ def attack_group(work: _Work, spec: tuple[str, tuple[tuple[Config, int], ...]], 
     method, victims = spec
     run = work.run
     device = resolve_device(run.device)
-    data = _dataset(run.dataset, run.data_dir)
+    data = cached_dataset(run.dataset, run.data_dir)
     experiments: dict[int, Experiment] = {}
     for _, e in victims:
         if e not in experiments:
@@ -241,7 +240,7 @@ def attack_group(work: _Work, spec: tuple[str, tuple[tuple[Config, int], ...]], 
 def train_group(work: _Work, config: Config, emit: Emit) -> None:
     """The sweep task: train LeNet with one defense and measure its test accuracy."""
     run = work.run
-    data = _dataset(run.dataset, run.data_dir)
+    data = cached_dataset(run.dataset, run.data_dir)
     split = _split(run.dataset, run.data_dir, run.seed, run.train_examples)
     defense = build_defense(*config, seed=run.seed + 1)  # its own noise, not the attacks'
     cost = training.train_with_defense(
@@ -259,7 +258,7 @@ def train_group(work: _Work, config: Config, emit: Emit) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _split(dataset: str, data_dir: str | None, seed: int, limit: int | None) -> training.Split:
-    return training.split_data(_dataset(dataset, data_dir), seed, limit=limit)
+    return training.split_data(cached_dataset(dataset, data_dir), seed, limit=limit)
 
 
 def _costs(run: DefendRun, rows: list[dict[str, Any]]) -> dict[Config, dict[str, Any]]:

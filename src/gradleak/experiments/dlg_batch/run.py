@@ -20,7 +20,6 @@ image choice, DLG's dummy, the improved variant's dummy; nothing else
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -34,9 +33,14 @@ import torch
 import gradleak
 from gradleak import metrics
 from gradleak.attacks import DLG, IDLG, GradientInversion
-from gradleak.data import ImageDataset, load_dataset
+from gradleak.data import ImageDataset
 from gradleak.errors import ConfigError
-from gradleak.experiments.common import absolute_data_dir, finite_or_none, resolve_device
+from gradleak.experiments.common import (
+    absolute_data_dir,
+    cached_dataset,
+    finite_or_none,
+    resolve_device,
+)
 from gradleak.experiments.dlg_batch import report
 from gradleak.outdir import prepare_out
 from gradleak.sweep.executors import make_executor
@@ -224,7 +228,7 @@ def run_reproduce_batch(
     """
     started = time.perf_counter()
     device = resolve_device(run.device)
-    data = load_dataset(run.dataset, data_dir=run.data_dir, download=None)
+    data = cached_dataset(run.dataset, run.data_dir)
     out = prepare_out(run.out)
     if max(run.batch_sizes) > len(data):
         raise ConfigError(
@@ -282,12 +286,6 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return read_results(path, key=row_key)
 
 
-@functools.lru_cache(maxsize=4)
-def _dataset(name: str, data_dir: str | None) -> ImageDataset:
-    """Each worker process reads the dataset once."""
-    return load_dataset(name, data_dir=data_dir, download=None)
-
-
 def attack_group(run: BatchRun, spec: tuple[int, str, tuple[int, ...]], emit: Emit) -> None:
     """The sweep task: one batch size's victims, attacked together by one method.
 
@@ -298,7 +296,7 @@ def attack_group(run: BatchRun, spec: tuple[int, str, tuple[int, ...]], emit: Em
     """
     size, method, experiments = spec
     device = resolve_device(run.device)
-    data = _dataset(run.dataset, run.data_dir)
+    data = cached_dataset(run.dataset, run.data_dir)
     victims = [make_victim(data, run, size, e, device) for e in experiments]
     attack = build_attacks(run)[method]
     last = time.perf_counter()

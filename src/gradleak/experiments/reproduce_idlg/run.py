@@ -12,7 +12,6 @@ group: "sequential" (one victim after another, the reference) and
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,9 +23,8 @@ import torch
 
 import gradleak
 from gradleak.attacks import AttackConfig, GradientInversion, build_attack
-from gradleak.data import load_dataset
 from gradleak.errors import ConfigError
-from gradleak.experiments.common import absolute_data_dir, resolve_device
+from gradleak.experiments.common import absolute_data_dir, cached_dataset, resolve_device
 from gradleak.experiments.reproduce_idlg import report
 from gradleak.experiments.reproduce_idlg.protocol import (
     DATASETS,
@@ -125,7 +123,7 @@ def run_reproduce(
     """
     resolve_device(run.device)  # bad input fails before anything is written
     for name in run.datasets:
-        _dataset(name, run.data_dir)
+        cached_dataset(name, run.data_dir)
     out = prepare_out(run.out)
     with FolderLock(out), make_executor(run.workers, run.ray) as executor:
         summaries = [_reproduce_dataset(run, name, executor, callback) for name in run.datasets]
@@ -168,7 +166,7 @@ def _reproduce_dataset(
     run: ReproduceRun, dataset: str, executor: Any, callback: ProgressCallback | None
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    data = _dataset(dataset, run.data_dir)
+    data = cached_dataset(dataset, run.data_dir)
     out = run.folder(dataset)
     pin_run(out, _pinned(run, dataset, len(data)))
     store = ResultsStore(out / RESULTS, key=_row_key)
@@ -205,16 +203,10 @@ def _row_key(row: Mapping[str, Any]) -> tuple[int, str]:
     return int(row["experiment"]), str(row["method"])
 
 
-@functools.lru_cache(maxsize=4)
-def _dataset(name: str, data_dir: str | None) -> Any:
-    """Each worker process reads the dataset once."""
-    return load_dataset(name, data_dir=data_dir, download=None)
-
-
 def attack_group(work: Work, spec: tuple[str, tuple[int, ...]], emit: Emit) -> None:
     """The sweep task: rebuild the group's victims and attack them with one method."""
     method, experiments = spec
-    data = _dataset(work.dataset, work.data_dir)
+    data = cached_dataset(work.dataset, work.data_dir)
     device = resolve_device(work.device)
     victims = [make_victim(data, work.dataset, work.seed, e, device) for e in experiments]
     attack = build_attack(method, AttackConfig(improved=work.mode == "improved"))

@@ -60,7 +60,6 @@ need only the data folder.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import time
@@ -75,9 +74,14 @@ import torch
 import gradleak
 from gradleak import metrics
 from gradleak.attacks.inverting import IGConfig, InvertingGradients
-from gradleak.data import ImageDataset, load_dataset
+from gradleak.data import ImageDataset
 from gradleak.errors import AttackNotApplicable, ConfigError
-from gradleak.experiments.common import absolute_data_dir, finite_or_none, resolve_device
+from gradleak.experiments.common import (
+    absolute_data_dir,
+    cached_dataset,
+    finite_or_none,
+    resolve_device,
+)
 from gradleak.experiments.reproduce_ig import report
 from gradleak.experiments.train.run import TrainRun, run_train, split_indices
 from gradleak.models import build_model, read_metadata
@@ -484,7 +488,7 @@ def run_reproduce_ig(run: IGRun, *, callback: ProgressCallback | None = None) ->
     """
     started = time.perf_counter()
     device = resolve_device(run.device)
-    data = {name: load_dataset(name, data_dir=run.data_dir, download=None) for name in run.datasets}
+    data = {name: cached_dataset(name, run.data_dir) for name in run.datasets}
     for name, dataset in data.items():
         pool = len(held_out(len(dataset), run.seed))
         if max(run.batch_sizes) > pool:
@@ -610,12 +614,6 @@ def prepare_trained(
     return path, info
 
 
-@functools.lru_cache(maxsize=4)
-def _dataset(name: str, data_dir: str | None) -> ImageDataset:
-    """Each worker process reads a dataset once."""
-    return load_dataset(name, data_dir=data_dir, download=None)
-
-
 def _state(work: Work, dataset: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
@@ -630,7 +628,7 @@ def attack_group(work: Work, spec: tuple[Cell, tuple[int, ...]], emit: Emit) -> 
     cell, experiments = spec
     run = work.run
     device = resolve_device(run.device)
-    data = _dataset(cell.dataset, run.data_dir)
+    data = cached_dataset(cell.dataset, run.data_dir)
     state = _state(work, cell.dataset) if cell.weights == "trained" else None
     attack = build_attack(run)
     for experiment in experiments:
