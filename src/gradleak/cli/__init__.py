@@ -1,6 +1,6 @@
 """The `gradleak` command: parses, calls an experiment, prints.
 
-One module per command (attack, reproduce, text, defend, train); this one builds the
+One module per command (attack, reproduce, text, defend, train, audit); this one builds the
 parser from them and turns every user error into one line on stderr and exit
 code 2.
 """
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from gradleak import __version__
-from gradleak.cli import attack, defend, reproduce, text, train
+from gradleak.cli import attack, audit, defend, reproduce, text, train
 from gradleak.cli.common import EXIT_USAGE, Parser, fail
 from gradleak.errors import GradleakError
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gradleak {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for module in (attack, reproduce, text, defend, train):
+    for module in (attack, reproduce, text, defend, train, audit):
         module.add(commands)
     return parser
 

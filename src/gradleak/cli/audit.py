@@ -1,0 +1,239 @@
+"""`gradleak audit` and `gradleak flower-demo`: what a Flower run's server could rebuild.
+
+`audit` reads a capture folder (no Flower needed); `flower-demo` needs the
+flower extra and says so in one line without it.  Both end with the verdict,
+a table per round and client, and the files written.  Captures the audit
+refused are one line each on stderr, and the command then exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from gradleak.cli.common import EXIT_USAGE, add_sweep_options, non_negative_int, positive_int
+from gradleak.cli.train import positive_float
+from gradleak.errors import ConfigError
+from gradleak.progress_bars import StageBars
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number 0 or more, got {text}")
+    return value
+
+
+def shape(text: str) -> tuple[int, int, int]:
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 1,28,28), got {text!r}")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def _attack_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("the attack")
+    group.add_argument(
+        "--method",
+        default="auto",
+        choices=("auto", "idlg", "dlg", "ig"),
+        help="auto (default): improved iDLG on one-step gradients of sigmoid conv nets, "
+        "Inverting Gradients on several steps, clipped updates and other models",
+    )
+    group.add_argument(
+        "--iterations",
+        type=positive_int,
+        default=None,
+        help="optimiser steps (method's own; IG 500)",
+    )
+    group.add_argument(
+        "--tv-scale",
+        type=non_negative_float,
+        default=1e-3,
+        help="IG's total-variation weight (1e-3)",
+    )
+    group.add_argument("--seed", type=non_negative_int, default=0, help="seed (0)")
+
+
+def add(commands: argparse._SubParsersAction) -> None:
+    audit = commands.add_parser(
+        "audit",
+        help="attack every client of a captured Flower run (LeakageAudit's folder)",
+        description="Read the folder gradleak.integrations.flower.LeakageAudit wrote, turn every "
+        "client's reply of every round into what the server holds (one local step: the "
+        "gradient, -update/lr; several: the update and the local schedule sent), attack it and "
+        "write report.md (verdict first), leakage.json and a PNG strip per client and round.",
+    )
+    audit.add_argument("captures", metavar="CAPTURES", help="the capture folder")
+    audit.add_argument("--out", default="runs/audit", help="where the report goes (runs/audit)")
+    _attack_options(audit)
+    model = audit.add_argument_group("the model, when the capture does not name it")
+    model.add_argument("--model", default=None, help="a gradleak model name, e.g. lenet")
+    model.add_argument("--input-shape", type=shape, default=None, help="C,H,W, e.g. 1,28,28")
+    model.add_argument("--num-classes", type=positive_int, default=None, help="e.g. 10")
+    model.add_argument("--width", type=positive_int, default=None, help="convnet/resnet18 width")
+    add_sweep_options(audit)
+    audit.set_defaults(handler=cmd_audit)
+
+    demo = commands.add_parser(
+        "flower-demo",
+        help="run a real Flower simulation wrapped in LeakageAudit, then audit it",
+        description="Simulate a Flower federation on this machine (Flower's simulation engine "
+        "on Ray, offline), FedAvg wrapped in LeakageAudit, clients training on private images "
+        "of the test split, then run 'gradleak audit' on what the server captured. Needs "
+        'pip install "gradleak[flower]".',
+    )
+    demo.add_argument("--clients", type=positive_int, default=4, help="simulated clients (4)")
+    demo.add_argument("--rounds", type=positive_int, default=2, help="federated rounds (2)")
+    demo.add_argument("--dataset", default="mnist", help="mnist (default), cifar100, sample, ...")
+    demo.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
+    demo.add_argument("--model", default="lenet", help="lenet (default), convnet, ...")
+    demo.add_argument("--width", type=positive_int, default=None, help="convnet/resnet18 width")
+    demo.add_argument(
+        "--local-steps", type=positive_int, default=1, help="client SGD steps per round, K (1)"
+    )
+    demo.add_argument(
+        "--batch-size", type=positive_int, default=1, help="private images per client per round (1)"
+    )
+    demo.add_argument("--lr", type=positive_float, default=0.01, help="client SGD lr (0.01)")
+    demo.add_argument(
+        "--flower-dp",
+        default="none",
+        choices=("none", "server-fixed", "client-fixed", "local"),
+        help="Flower's DP: server-side or client-side fixed clipping, or LocalDpMod (none)",
+    )
+    demo.add_argument("--secagg", action="store_true", help="SecAgg+ (Flower's legacy stack)")
+    demo.add_argument(
+        "--dp-clipping-norm", type=positive_float, default=0.1, help="DP clipping norm (0.1)"
+    )
+    demo.add_argument(
+        "--dp-noise-multiplier",
+        type=non_negative_float,
+        default=1.0,
+        help="central DP noise multiplier (1.0)",
+    )
+    demo.add_argument(
+        "--dp-epsilon", type=positive_float, default=10.0, help="LocalDpMod epsilon (10)"
+    )
+    demo.add_argument("--dp-delta", type=positive_float, default=1e-5, help="LocalDpMod delta")
+    demo.add_argument("--out", default="runs/flower-demo", help="where everything goes")
+    demo.add_argument(
+        "--cpus", type=positive_int, default=None, help="CPUs for Ray (cores, at most --clients)"
+    )
+    _attack_options(demo)
+    demo.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="audit worker processes (default: one per CPU core; 1: this process)",
+    )
+    demo.set_defaults(handler=cmd_flower_demo)
+
+
+def cmd_audit(args: argparse.Namespace, console: Console) -> None:
+    from gradleak.experiments.audit.run import AuditRun, run_audit
+    from gradleak.integrations.capture import ModelInfo
+
+    model = None
+    given = [args.input_shape is not None, args.num_classes is not None]
+    if args.model is not None:
+        if not all(given):
+            raise ConfigError("--model needs --input-shape C,H,W and --num-classes N")
+        model = ModelInfo(args.model, args.input_shape, args.num_classes, args.width)
+    elif any(given) or args.width is not None:
+        raise ConfigError("--input-shape, --num-classes and --width go with --model")
+    run = AuditRun(
+        captures=args.captures,
+        out=args.out,
+        method=args.method,
+        iterations=args.iterations,
+        tv_scale=args.tv_scale,
+        model=model,
+        seed=args.seed,
+        workers=args.workers,
+        ray=args.ray,
+        command=shlex.join(["gradleak", *args.argv]),
+    )
+    with StageBars(console, "") as bars:
+        result = run_audit(run, callback=bars)
+    _print(console, result.summary, args.out)
+    _refused(result.problems)
+
+
+def cmd_flower_demo(args: argparse.Namespace, console: Console) -> None:
+    from gradleak.experiments.flower_demo.run import run_flower_demo
+    from gradleak.experiments.flower_demo.settings import DemoRun
+
+    run = DemoRun(
+        clients=args.clients,
+        rounds=args.rounds,
+        dataset=args.dataset,
+        model=args.model,
+        width=args.width,
+        local_steps=args.local_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        flower_dp=args.flower_dp,
+        secagg=args.secagg,
+        dp_clipping_norm=args.dp_clipping_norm,
+        dp_noise_multiplier=args.dp_noise_multiplier,
+        dp_epsilon=args.dp_epsilon,
+        dp_delta=args.dp_delta,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        out=args.out,
+        method=args.method,
+        iterations=args.iterations,
+        tv_scale=args.tv_scale,
+        workers=args.workers,
+        cpus=args.cpus,
+        command=shlex.join(["gradleak", *args.argv]),
+    )
+    with StageBars(console, "") as bars:
+        result = run_flower_demo(run, callback=bars)
+    how = (
+        f"Flower simulation: {result.simulation_seconds:.0f} s"
+        if result.simulated
+        else "captures of an earlier simulation with these settings found: audited them"
+    )
+    console.print(how)
+    _print(console, result.audit.summary, args.out)
+    _refused(result.audit.problems)
+
+
+def _print(console: Console, summary: dict[str, Any], out: str) -> None:
+    from gradleak.experiments.audit.report import verdict
+
+    table = Table(title="what the server rebuilt, per round and client")
+    for column in ("round", "node", "saw", "method", "labels true -> read", "MSE", "leaked"):
+        table.add_column(column)
+    for e in summary["entries"]:
+        node = "aggregate" if e["node_id"] is None else str(e["node_id"])
+        true = "?" if e["true_labels"] is None else ",".join(map(str, e["true_labels"]))
+        read = "?" if e["predicted_labels"] is None else ",".join(map(str, e["predicted_labels"]))
+        mse = "n/a" if e["mse"] is None else f"{e['mse']:.1e}"
+        table.add_row(
+            str(e["round"]), node, str(e["shared"] or "-"), str(e["method"] or "-"),
+            f"{true} -> {read}", mse, e["error"] or e["leaked"],
+        )  # fmt: skip
+    console.print(table)
+    for line in verdict(summary):
+        console.print(line.replace("**", ""), markup=False, highlight=False)
+    console.print(f"wrote {out}/report.md, leakage.json, overview.png and strips/")
+
+
+def _refused(problems: tuple[str, ...]) -> None:
+    """One line per refused capture on stderr; then exit 2 (the rest is audited and written)."""
+    if not problems:
+        return
+    for problem in problems:
+        print(f"gradleak: error: {problem}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)

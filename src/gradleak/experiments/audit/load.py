@@ -1,0 +1,347 @@
+"""From a capture to what the attacker has: one `Target` per client and round.
+
+A node's round in the capture (`integrations.capture.Exchange`) holds the
+weights sent, the weights returned, the config sent and the example count.
+The server knows the model, so it rebuilds it, loads the weights it sent and
+reads the reply as
+
+* one local step on the whole batch: ``-(returned - sent) / lr`` is the
+  client's gradient (an `Observation`);
+* several steps (or epochs, or mini-batches): the update with the local
+  schedule the server configured (an `UpdateObservation`).
+
+When every reply of a round carries the same arrays (SecAgg+: the server is
+handed only the aggregate), the round is one target: the aggregate of its N
+clients, a batch of all their examples.
+
+Everything read is checked first: arrays must fit the model (names and
+shapes, or the model's order for arrays named "0", "1", ...), be finite, and
+the schedule must be in the config.  A target that fails is one `DataError`
+line naming the sidecar; the other targets are unaffected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradleak.errors import DataError
+from gradleak.integrations.capture import (
+    PRIVATE_FOLDER,
+    Capture,
+    Exchange,
+    ModelInfo,
+    Records,
+    inside,
+    load_arrays,
+)
+from gradleak.models import build_model
+from gradleak.types import Observation, UpdateObservation
+
+# Flower's DP wrappers send the clipping norm to the clients under this key
+# (flwr.supercore.differential_privacy.KEY_CLIPPING_NORM).
+CLIPPING_KEY = "clipping_norm"
+# An update whose norm is within this share of the clipping norm was clipped to it.
+CLIPPED_WITHIN = 1e-4
+
+
+@dataclass(frozen=True)
+class Item:
+    """One attack target as planned from the sidecars: small and picklable.
+
+    Attributes:
+        key: ``round-0001/node-<id>``, or ``round-0001/aggregate``.
+        round: The server round.
+        node_ids: The node (one) or the nodes whose replies were one aggregate.
+        sidecars: Their sidecars, relative to the capture folder.
+    """
+
+    key: str
+    round: int
+    node_ids: tuple[int, ...]
+    sidecars: tuple[str, ...]
+
+    @property
+    def aggregate(self) -> bool:
+        return len(self.node_ids) > 1
+
+
+@dataclass(frozen=True, eq=False)
+class Target:
+    """What the server holds of one client (or one aggregate), ready to attack."""
+
+    item: Item
+    observation: Observation | UpdateObservation
+    lr: float
+    local_steps: int | None
+    epochs: int | None
+    local_batch: int | None
+    num_examples: int
+    clipping_norm: float | None
+    update_norm: float
+    truth: tuple[torch.Tensor, torch.Tensor] | None
+
+    @property
+    def shared(self) -> str:
+        if self.item.aggregate:
+            return "aggregate"
+        return "update" if isinstance(self.observation, UpdateObservation) else "gradient"
+
+    @property
+    def clipped(self) -> bool:
+        norm = self.clipping_norm
+        return norm is not None and abs(self.update_norm - norm) <= CLIPPED_WITHIN * norm
+
+
+def plan_items(exchanges: list[Exchange]) -> tuple[list[Item], list[str]]:
+    """The targets: one per replying node and round, or one per round of identical replies.
+
+    Returns:
+        The items, and one note per node that sent no arrays back (an error
+        reply or none): facts about the run, not problems of the capture.
+    """
+    by_round: dict[int, list[Exchange]] = defaultdict(list)
+    notes: list[str] = []
+    for exchange in exchanges:
+        if exchange.reply is None:
+            notes.append(f"round {exchange.round} node {exchange.node_id}: {exchange.error}")
+        else:
+            by_round[exchange.round].append(exchange)
+    items: list[Item] = []
+    for round_, replies in sorted(by_round.items()):
+        digests = {e.reply.sha256 for e in replies if e.reply is not None}
+        if len(replies) > 1 and len(digests) == 1:
+            items.append(
+                Item(
+                    f"round-{round_:04d}/aggregate",
+                    round_,
+                    tuple(e.node_id for e in replies),
+                    tuple(e.sidecar for e in replies),
+                )
+            )
+            continue
+        for e in replies:
+            items.append(
+                Item(f"round-{round_:04d}/node-{e.node_id}", round_, (e.node_id,), (e.sidecar,))
+            )
+    return items, notes
+
+
+def load_target(
+    capture: Capture,
+    exchanges: dict[str, Exchange],
+    item: Item,
+    model_info: ModelInfo,
+    *,
+    with_truth: bool = True,
+) -> Target:
+    """Read and check everything `item` needs; build its observation.
+
+    Raises:
+        DataError: A file is missing, changed or cut off, arrays do not fit the
+            model or are not finite, or the config lacks the schedule.
+    """
+    parts = [exchanges[s] for s in item.sidecars]
+    first = parts[0]
+    where = first.sidecar if not item.aggregate else f"round {item.round} (aggregate)"
+    model = build_model(
+        model_info.name,
+        input_shape=model_info.input_shape,
+        num_classes=model_info.num_classes,
+        width=model_info.width,
+        seed=0,
+    )
+    sent = _fit(model, load_arrays(capture, first.sent, f"{first.sidecar} (sent)"), first.sidecar)
+    assert first.reply is not None
+    returned = _fit(
+        model, load_arrays(capture, first.reply, f"{first.sidecar} (reply)"), first.sidecar
+    )
+    model.load_state_dict(sent, strict=True)
+    model.train()  # a Flower client trains in train mode
+    schedule = _schedule(capture, first, model_info)
+    counts = [e.num_examples for e in parts]
+    if any(c is None or c < 1 for c in counts):
+        raise DataError(
+            f"{where}: the reply names no example count ('{capture_weight_key(first)}'); "
+            "the audit needs it to read the update"
+        )
+    num_examples = int(sum(c for c in counts if c is not None))
+    names = tuple(name for name, p in model.named_parameters() if p.requires_grad)
+    update = tuple(returned[name].double() - sent[name].double() for name in names)
+    norm = math.sqrt(sum(float((u**2).sum()) for u in update))
+    if norm == 0.0:
+        raise DataError(f"{where}: the returned weights equal the sent ones; nothing to audit")
+    lr, steps, epochs, batch = schedule
+    total_steps = (
+        steps if steps is not None else (epochs or 0) * -(-num_examples // (batch or num_examples))
+    )
+    whole_batch = batch is None or batch >= num_examples
+    if item.aggregate or (total_steps == 1 and whole_batch):
+        # One step on the whole batch (or the mean of such steps): the gradient of the mean loss.
+        observation: Observation | UpdateObservation = Observation(
+            model=model,
+            gradients=tuple(-u / lr for u in update),
+            parameter_names=names,
+            input_shape=model_info.input_shape,
+            num_classes=model_info.num_classes,
+            batch_size=num_examples,
+        )
+        if item.aggregate and total_steps != 1:
+            raise DataError(
+                f"{where}: an aggregate of {len(parts)} clients of {total_steps} local steps each; "
+                "the audit attacks aggregates of one-step clients only"
+            )
+    else:
+        observation = UpdateObservation(
+            model=model,
+            sent={k: v.clone() for k, v in sent.items()},
+            returned=returned,
+            update=tuple(u.float() for u in update),
+            parameter_names=names,
+            input_shape=model_info.input_shape,
+            num_classes=model_info.num_classes,
+            num_examples=num_examples,
+            local_lr=lr,
+            local_steps=steps,
+            epochs=epochs,
+            local_batch=None if whole_batch else batch,
+        )
+    truth = _truth(capture, parts, model_info, num_examples) if with_truth else None
+    clipping = _number(_config_value(first, CLIPPING_KEY))
+    return Target(item, observation, lr, steps, epochs, batch, num_examples, clipping, norm, truth)
+
+
+def capture_weight_key(exchange: Exchange) -> str:
+    return "num-examples"
+
+
+def truth_file(item: Item, node_id: int) -> str:
+    """Where the demo's client `node_id` saved its private batch of `item`'s round."""
+    return f"{PRIVATE_FOLDER}/round-{item.round:04d}/node-{node_id}.safetensors"
+
+
+def _truth(
+    capture: Capture, parts: list[Exchange], info: ModelInfo, num_examples: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The demo's private batches of these nodes, or None where the capture has none."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    files = [f"{PRIVATE_FOLDER}/round-{e.round:04d}/node-{e.node_id}.safetensors" for e in parts]
+    if not (capture.folder / PRIVATE_FOLDER).is_dir():
+        return None
+    images, labels = [], []
+    for exchange, file in zip(parts, files, strict=True):
+        path = inside(capture.folder, file, f"the private batch of node {exchange.node_id}")
+        try:
+            tensors = load(path.read_bytes())
+        except (SafetensorError, OSError, ValueError) as error:
+            raise DataError(f"{file} is not a readable safetensors file ({error})") from None
+        x, y = tensors.get("images"), tensors.get("labels")
+        if x is None or y is None or x.dim() != 4 or tuple(x.shape[1:]) != info.input_shape:
+            raise DataError(f"{file} does not hold images of shape {info.input_shape} and labels")
+        if y.shape != (x.shape[0],) or int(y.min()) < 0 or int(y.max()) >= info.num_classes:
+            raise DataError(f"{file}: its labels do not fit the images and the model's classes")
+        images.append(x.float())
+        labels.append(y.long())
+    x, y = torch.cat(images), torch.cat(labels)
+    if len(y) != num_examples:
+        raise DataError(
+            f"{files[0]}: the private batches hold {len(y)} images, the replies say {num_examples}"
+        )
+    return x, y
+
+
+def _fit(model: nn.Module, records: Records, where: str) -> dict[str, torch.Tensor]:
+    """The one array record that fits the model's state_dict, as tensors; else a DataError."""
+    expected = model.state_dict()
+    reasons = []
+    for record, arrays in records.items():
+        names = list(arrays)
+        if names == [str(i) for i in range(len(names))] and len(names) == len(expected):
+            arrays = dict(zip(expected, arrays.values(), strict=True))  # Flower's positional names
+        reason = _misfit(expected, arrays)
+        if reason is None:
+            tensors = {name: torch.from_numpy(np.array(arrays[name])) for name in expected}
+            bad = next(
+                (
+                    n
+                    for n, t in tensors.items()
+                    if t.is_floating_point() and not torch.isfinite(t).all()
+                ),
+                None,
+            )
+            if bad is not None:
+                raise DataError(f"{where}: the array '{bad}' has NaN or infinite values")
+            return {n: t.to(expected[n].dtype) for n, t in tensors.items()}
+        reasons.append(f"record '{record}': {reason}")
+    detail = "; ".join(reasons) if reasons else "no arrays"
+    raise DataError(
+        f"{where}: the arrays do not fit the model ({detail}); check --model and the capture"
+    )
+
+
+def _misfit(expected: dict[str, torch.Tensor], arrays: dict[str, Any]) -> str | None:
+    missing = [n for n in expected if n not in arrays]
+    if missing:
+        return f"no array '{missing[0]}' ({len(missing)} of {len(expected)} missing)"
+    extra = [n for n in arrays if n not in expected]
+    if extra:
+        return f"an array '{extra[0]}' the model does not have"
+    for name, tensor in expected.items():
+        shape = tuple(np.shape(arrays[name]))
+        if shape != tuple(tensor.shape):
+            return f"'{name}' has shape {shape}, the model {tuple(tensor.shape)}"
+    return None
+
+
+def _schedule(
+    capture: Capture, exchange: Exchange, info: ModelInfo
+) -> tuple[float, int | None, int | None, int | None]:
+    keys = capture.schedule
+    lr = _number(_config_value(exchange, keys.lr))
+    if lr is None or not math.isfinite(lr) or lr <= 0:
+        raise DataError(
+            f"{exchange.sidecar}: the train config sent has no positive learning rate under "
+            f"'{keys.lr}'; tell LeakageAudit the key (schedule_keys=ScheduleKeys(lr=...))"
+        )
+    steps = _count(exchange, keys.local_steps)
+    epochs = _count(exchange, keys.epochs)
+    if (steps is None) == (epochs is None):
+        raise DataError(
+            f"{exchange.sidecar}: the train config sent must give exactly one of "
+            f"'{keys.local_steps}' and '{keys.epochs}'; tell LeakageAudit the keys "
+            "(schedule_keys=...)"
+        )
+    batch = _count(exchange, keys.batch_size)
+    return lr, steps, epochs, batch
+
+
+def _config_value(exchange: Exchange, key: str) -> Any:
+    for record in exchange.config.values():
+        if key in record:
+            return record[key]
+    return None
+
+
+def _count(exchange: Exchange, key: str) -> int | None:
+    value = _config_value(exchange, key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataError(
+            f"{exchange.sidecar}: '{key}' in the config sent must be a whole number 1 or more"
+        )
+    return value
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)

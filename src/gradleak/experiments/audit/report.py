@@ -1,0 +1,395 @@
+"""The audit's files: leakage.json, report.md (verdict first) and one PNG strip per target.
+
+Everything here is written from the stored rows (results.jsonl) and the
+frames the tasks sent back (``strips/<round>/<node>.npz``), so a resumed or
+interrupted audit writes the same report for what it has.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradleak.integrations.capture import Exchange
+from gradleak.sweep.store import write_json
+
+LEAKAGE = "leakage.json"
+REPORT = "report.md"
+OVERVIEW = "overview.png"
+DEMO_SETTINGS = "demo.json"  # written into the capture folder by `gradleak flower-demo`
+
+# The keys of a leakage.json entry, in order (results.jsonl rows carry them all).
+KEYS = (
+    "round", "node_id", "nodes", "num_examples", "shared", "lr", "local_steps", "epochs",
+    "local_batch", "clipping_norm", "clipped", "update_norm", "update_cosine", "method", "reason",
+    "true_labels", "predicted_labels", "label_accuracy", "mse", "psnr", "ssim", "per_image_mse",
+    "images_rebuilt", "matching_loss", "converged", "iterations", "seconds", "strip", "leaked",
+    "error",
+)  # fmt: skip
+
+
+def frames_file(item: Any) -> str:
+    return f"strips/{item.key}.npz"
+
+
+def strip_file(key: str) -> str:
+    return f"strips/{key}.png"
+
+
+def refused_entry(item: Any, parts: Sequence[Exchange], error: str) -> dict[str, Any]:
+    """The leakage.json entry of a target whose capture was refused: the error, nothing scored."""
+    entry = {key: None for key in KEYS}
+    entry |= {
+        "item": item.key,
+        "round": item.round,
+        "node_id": None if item.aggregate else item.node_ids[0],
+        "nodes": list(item.node_ids),
+        "num_examples": sum(p.num_examples or 0 for p in parts) or None,
+        "converged": False,
+        "iterations": 0,
+        "leaked": "not audited (capture refused)",
+        "error": error,
+    }
+    return entry
+
+
+def unreadable_entry(refused: Any) -> dict[str, Any]:
+    """The leakage.json entry of a sidecar that could not be read (`capture.Refused`)."""
+    entry = {key: None for key in KEYS}
+    node = refused.node_id
+    entry |= {
+        "item": refused.sidecar.removesuffix(".json"),
+        "round": refused.round,
+        "node_id": node,
+        "nodes": [] if node is None else [node],
+        "converged": False,
+        "iterations": 0,
+        "leaked": "not audited (capture refused)",
+        "error": refused.reason,
+    }
+    return entry
+
+
+def leaked(row: Mapping[str, Any], rebuilt_mse: float) -> str:
+    """What this target gave away, in words."""
+    if row.get("error"):
+        return "not attacked"
+    n = row["num_examples"]
+    if row.get("mse") is not None or row.get("label_accuracy") is not None:
+        images = row.get("images_rebuilt") or 0
+        accuracy = row.get("label_accuracy") or 0.0
+        return f"{images}/{n} images rebuilt (MSE < {rebuilt_mse:g}), labels {accuracy:.0%} right"
+    if row.get("converged"):
+        return "update matched: the strip is likely the private data (no ground truth here)"
+    return "update not matched (no ground truth here)"
+
+
+def write_all(
+    out: Path,
+    rows: Iterable[Mapping[str, Any]],
+    refused: Sequence[Mapping[str, Any]],
+    notes: Sequence[str],
+    problems: Sequence[str],
+    context: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Write leakage.json, the strips and report.md; return the summary."""
+    entries = []
+    for row in rows:
+        entry = {key: row.get(key) for key in KEYS} | {"item": row["item"]}
+        entry["leaked"] = leaked(row, context["rebuilt_mse"])
+        if _render_strip(out, row):
+            entry["strip"] = strip_file(row["item"])
+        entries.append(entry)
+    overview = _render_overview(out, sorted(rows, key=lambda r: (r["round"], r["node_id"] or 0)))
+    entries += [dict(e) for e in refused]
+    entries.sort(key=lambda e: (e["round"], e["node_id"] if e["node_id"] is not None else -1))
+    (out / LEAKAGE).write_text(json.dumps(entries, indent=1, allow_nan=False) + "\n")
+    demo = _demo_settings(Path(context["captures"]))
+    summary = {
+        "entries": entries,
+        "notes": list(notes),
+        "problems": list(problems),
+        "demo": demo,
+        "overview": overview,
+        **context,
+    }
+    (out / REPORT).write_text(markdown(summary))
+    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "entries"})
+    return summary
+
+
+def verdict(summary: Mapping[str, Any]) -> list[str]:
+    """The report's first screen: per round what leaked, what the server saw, what would help."""
+    entries = [e for e in summary["entries"] if not e.get("error")]
+    lines: list[str] = []
+    for round_ in sorted({e["round"] for e in summary["entries"]}):
+        here = [e for e in entries if e["round"] == round_]
+        refused = [e for e in summary["entries"] if e["round"] == round_ and e.get("error")]
+        lines.append(
+            f"- **Round {round_}**: {_round_verdict(here, refused, summary['rebuilt_mse'])}"
+        )
+    seen = _what_was_seen(entries)
+    if seen:
+        lines.append(f"- **What the server saw**: {seen}.")
+    lines.append(
+        f"- **What would have prevented it**: {_prevention(entries, summary['rebuilt_mse'])}"
+    )
+    return lines
+
+
+def _round_verdict(here: list[dict], refused: list[dict], bar: float) -> str:
+    parts = []
+    scored = [e for e in here if e["mse"] is not None]
+    aggregate = [e for e in here if e["shared"] == "aggregate"]
+    if aggregate:
+        e = aggregate[0]
+        parts.append(
+            f"the server got only the aggregate of {len(e['nodes'])} clients (identical replies: "
+            f"secure aggregation); attacked as one batch of {e['num_examples']} examples"
+        )
+    if scored:
+        images = sum(e["images_rebuilt"] or 0 for e in scored)
+        total = sum(e["num_examples"] for e in scored)
+        clients = sum(1 for e in scored if e["images_rebuilt"] == e["num_examples"])
+        labels = sum(1 for e in scored if e["label_accuracy"] == 1.0)
+        worst = max(e["mse"] for e in scored)
+        who = "targets" if aggregate else "clients"
+        parts.append(
+            f"{images} of {total} private images rebuilt (MSE < {bar:g}); all images of "
+            f"{clients} of {len(scored)} {who}; every label of {labels} of {len(scored)} {who} "
+            f"read; worst MSE {worst:.1e}"
+        )
+    unscored = [e for e in here if e["mse"] is None]
+    if unscored:
+        matched = sum(1 for e in unscored if e["converged"])
+        parts.append(
+            f"{matched} of {len(unscored)} updates matched by the attack (no ground truth to "
+            "score them: see the strips)"
+        )
+    if refused:
+        parts.append(f"{len(refused)} refused (see Problems)")
+    return "; ".join(parts) + "." if parts else "nothing audited."
+
+
+def _what_was_seen(entries: list[dict]) -> str:
+    if not entries:
+        return ""
+    facts = []
+    steps = sorted({e["local_steps"] or 0 for e in entries if e["local_steps"]})
+    kinds = Counter(e["shared"] for e in entries)
+    if kinds.get("gradient"):
+        facts.append(
+            f"{kinds['gradient']} individual one-step updates (each is -lr x the client's gradient)"
+        )
+    if kinds.get("update"):
+        facts.append(
+            f"{kinds['update']} individual updates of {', '.join(map(str, steps))} local steps"
+        )
+    if kinds.get("aggregate"):
+        facts.append(f"{kinds['aggregate']} round aggregates instead of individual updates")
+    clipped = [e for e in entries if e["clipped"]]
+    if clipped:
+        facts.append(
+            f"{len(clipped)} updates clipped by the clients to norm {clipped[0]['clipping_norm']:g}"
+        )
+    cosines = [e["update_cosine"] for e in entries if e["update_cosine"] is not None]
+    if cosines:
+        low, high = min(cosines), max(cosines)
+        facts.append(
+            f"cosine of each received update with the one its client computed: {low:.3f} to "
+            f"{high:.3f}" + (" (noise drowned the updates)" if high < 0.5 else "")
+        )
+    return "; ".join(facts)
+
+
+def _prevention(entries: list[dict], bar: float) -> str:
+    individual = any(e["shared"] != "aggregate" for e in entries)
+    rebuilt = any(
+        (e["images_rebuilt"] or 0) > 0 or (e["mse"] is None and e["converged"]) for e in entries
+    )
+    if not rebuilt:
+        cosines = [e["update_cosine"] for e in entries if e["update_cosine"] is not None]
+        if cosines and max(cosines) < 0.5:
+            return (
+                "nothing was rebuilt here: noise added on the clients (local DP) left updates "
+                "that point elsewhere than the clients' own, and the attack had nothing to match."
+            )
+        return f"nothing was rebuilt here below MSE {bar:g}."
+    advice = []
+    if individual:
+        advice.append(
+            "secure aggregation (Flower's SecAgg+) would have shown the server only each round's "
+            "aggregate instead of every client's update"
+        )
+        advice.append(
+            "noise added on the client before sending (local DP, Flower's LocalDpMod) is the only "
+            "DP option of Flower that changes what the server receives from each client; "
+            "server-side DP clips and adds noise after the server holds every update, and "
+            "client-side clipping only rescales an update, keeping its direction"
+        )
+    if any(e["shared"] == "gradient" for e in entries):
+        advice.append(
+            "one local step on a small batch sends the gradient itself: more local steps and "
+            "larger batches make the update harder to invert, though not safe by themselves"
+        )
+    if any(e["shared"] == "aggregate" for e in entries):
+        advice.append(
+            "the aggregate of few one-image clients is the gradient of one small batch: more "
+            "clients per round, larger batches or local noise would have hidden it"
+        )
+    return "; ".join(advice) + "."
+
+
+def markdown(summary: Mapping[str, Any]) -> str:
+    entries = summary["entries"]
+    lines = ["# What this Flower run leaked to its server", ""]
+    lines += verdict(summary)
+    lines += ["", "## Per round and client", ""]
+    lines += [
+        "| round | node | examples | server saw | method | labels: true -> read | MSE | PSNR | "
+        "SSIM | update cosine | leaked |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        node = (
+            "aggregate"
+            if e["node_id"] is None and e["nodes"] and len(e["nodes"]) > 1
+            else e["node_id"]
+        )
+        labels = f"{_labels(e['true_labels'])} -> {_labels(e['predicted_labels'])}"
+        seen = e["shared"] or "refused"
+        if e.get("clipped"):
+            seen += " (clipped)"
+        lines.append(
+            f"| {e['round']} | {node} | {e['num_examples']} | {seen} | {e['method'] or ''} | "
+            f"{labels} | {_num(e['mse'], '.1e')} | {_num(e['psnr'], '.1f')} | "
+            f"{_num(e['ssim'], '.3f')} | {_num(e['update_cosine'], '.3f')} | "
+            f"{e['error'] or e['leaked']} |"
+        )
+    strips = [e for e in entries if e.get("strip")]
+    if strips:
+        lines += ["", "## Reconstructions", ""]
+        if summary.get("overview"):
+            lines += [f"![every round]({summary['overview']})", ""]
+        lines += [
+            "Each strip: the clients' private images (where known) over what the server "
+            "rebuilt from their update, with the labels it read.",
+            "",
+        ]
+        for e in strips:
+            who = f"node {e['node_id']}" if e["node_id"] is not None else "aggregate"
+            lines += [f"![round {e['round']}, {who}]({e['strip']})", ""]
+    lines += ["## How this was measured", ""]
+    model = summary["model"]
+    lines += [
+        f"- Capture: `{summary['captures']}` ({summary['stack']} stack, strategy "
+        f"`{summary['strategy']}`).",
+        f"- Model: `{model['name']}`, input {tuple(model['input_shape'])}, "
+        f"{model['num_classes']} classes"
+        + (f", width {model['width']}" if model["width"] else "")
+        + ".",
+        f"- Method `{summary['method']}` (per target, why: leakage.json and below), "
+        f"iterations {summary['iterations'] or 'the method default'}, IG TV scale "
+        f"{summary['tv_scale']:g}, seed {summary['seed']}; run on {summary['executor']}.",
+        f"- A private image counts as rebuilt when its reconstruction's MSE is below "
+        f"{summary['rebuilt_mse']:g}; labels are compared as multisets.",
+        f"- Command: `{summary['command'] or 'gradleak audit'}`; {summary['date']}, gradleak "
+        f"{summary['gradleak']}, torch {summary['torch']}; {summary['wall_seconds']:.0f} s.",
+    ]
+    reasons = sorted({(e["method"], e["reason"]) for e in entries if e.get("reason")})
+    for method, reason in reasons:
+        lines.append(f"- `{method}`: {reason}.")
+    demo = summary.get("demo")
+    if demo:
+        lines += ["", "## The demo's settings", ""]
+        lines += [f"- {key}: `{value}`" for key, value in demo.items()]
+    if summary["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in summary["notes"]]
+    if summary["problems"]:
+        lines += ["", "## Problems", ""] + [f"- {p}" for p in summary["problems"]]
+    return "\n".join(lines) + "\n"
+
+
+def _render_strip(out: Path, row: Mapping[str, Any]) -> bool:
+    """One PNG per target: its private images (where known) beside what was rebuilt."""
+    from gradleak.report import save_strip_rows
+
+    frames = _frames(out, row)
+    if not frames:
+        return False
+    who = (
+        f"node {row['node_id']}"
+        if row["node_id"] is not None
+        else f"aggregate of {len(row['nodes'])}"
+    )
+    read = _labels(row["predicted_labels"])
+    title = f"round {row['round']}, {who}\n{row['method']}: labels read {read}"
+    if row.get("mse") is not None:
+        title += f"\nMSE {row['mse']:.1e}, PSNR {row['psnr']:.1f} dB"
+    save_strip_rows(out / strip_file(row["item"]), [("", frames)], title=title)
+    return True
+
+
+def _frames(out: Path, row: Mapping[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """Caption and image pairs: private then rebuilt, image by image (matched order)."""
+    source = out / f"strips/{row['item']}.npz"
+    if not source.exists():
+        return []
+    with np.load(source) as saved:
+        recovered, labels = saved["recovered"], saved["labels"]
+        originals, true = saved["originals"], saved["true"]
+    per_mse = row.get("per_image_mse") or [None] * len(recovered)
+    frames: list[tuple[str, torch.Tensor]] = []
+    for i, (image, label) in enumerate(zip(recovered, labels, strict=True)):
+        if len(originals):
+            frames.append((f"private: {int(true[i])}", torch.from_numpy(originals[i])))
+        mse = per_mse[i]
+        caption = f"read {int(label)}" + ("" if mse is None else f", {mse:.0e}")
+        frames.append((caption, torch.from_numpy(image)))
+    return frames
+
+
+def _render_overview(out: Path, rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """overview.png: one row per round, every target's private/rebuilt pairs side by side."""
+    from gradleak.report import save_strip_rows
+
+    lines = []
+    for round_ in sorted({r["round"] for r in rows}):
+        frames = [f for r in rows if r["round"] == round_ for f in _frames(out, r)]
+        if frames:
+            lines.append((f"round {round_}", frames))
+    if not lines:
+        return None
+    save_strip_rows(out / OVERVIEW, lines, title="private images and what the server rebuilt")
+    return OVERVIEW
+
+
+def _labels(labels: Sequence[int] | None) -> str:
+    if labels is None:
+        return "?"
+    counts = Counter(labels)
+    return ", ".join(f"{c}x{label}" if c > 1 else str(label) for label, c in sorted(counts.items()))
+
+
+def _num(value: float | None, spec: str) -> str:
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else format(value, spec)
+    )
+
+
+def _demo_settings(captures: Path) -> dict[str, Any] | None:
+    path = captures / DEMO_SETTINGS
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value.get("settings") if isinstance(value, dict) else None

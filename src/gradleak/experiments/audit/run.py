@@ -1,0 +1,374 @@
+"""`gradleak audit CAPTURES`: attack every client of every round of a captured Flower run.
+
+The driver reads the capture (`integrations.capture`), plans one target per
+node and round (or per round, when the server got only an aggregate;
+`load.plan_items`), checks each target by loading it once (a tampered, cut
+off or missing file, a sidecar pointing outside the folder, arrays that do
+not fit the model: one line each, the target left out), then runs the good
+ones as one sweep on the runner (`sweep/`: resumable, `--workers`, `--ray`),
+one target per group.  A task rebuilds its target from the capture folder
+(the folder must be reachable where the task runs, as data folders are),
+chooses the attack (`choose.choose_attack`), runs it and sends back its row
+and its strip frames.  The report (`report.py`) is written from the stored
+rows: leakage.json, report.md and a PNG strip per target.
+
+Ground truth: where the capture holds the clients' own batches (only
+`gradleak flower-demo` writes them, under ``CAPTURES/private/``), a row has
+MSE, PSNR, SSIM and label accuracy against them, and the cosine between the
+update the server received and the one the client computed (what DP did to
+it); elsewhere those are null.
+
+Seeds: the attack's dummy start of a target comes from
+``SeedSequence([seed, round, node id])`` (node 0 for an aggregate).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import gradleak
+from gradleak import metrics
+from gradleak.errors import AttackNotApplicable, ConfigError, GradleakError
+from gradleak.experiments.audit import report
+from gradleak.experiments.audit.choose import IG_TV_SCALE, METHODS, choose_attack
+from gradleak.experiments.audit.load import Item, Target, load_target, plan_items
+from gradleak.experiments.common import finite_or_none, use_cpu_threads
+from gradleak.integrations.capture import Capture, Exchange, ModelInfo, read_capture, read_exchanges
+from gradleak.outdir import prepare_out
+from gradleak.sweep.executors import make_executor
+from gradleak.sweep.runner import Emit, Group, run_sweep
+from gradleak.sweep.store import RESULTS, FolderLock, ResultsStore, pin_run
+from gradleak.threat import observe_update
+from gradleak.types import Observation, Reconstruction
+
+log = logging.getLogger(__name__)
+
+# A reconstruction this close to its original (mean squared error per pixel) counts as rebuilt.
+REBUILT_MSE = 1e-3
+PINNED = ("captures", "capture_started", "method", "iterations", "tv_scale", "seed", "model")
+
+ProgressCallback = Callable[[str, float, int], None]
+
+
+@dataclass(frozen=True)
+class AuditRun:
+    """One `gradleak audit` invocation.
+
+    Attributes:
+        captures: The capture folder LeakageAudit wrote.
+        out: Where the report goes.
+        method: "auto" (the chooser), or "idlg", "dlg", "ig".
+        iterations: Optimiser steps per attack (None: the method's own).
+        tv_scale: Inverting Gradients' total-variation weight.
+        model: The clients' model, when the capture does not name it (or to override it).
+        seed: Fixes every attack's dummy start.
+        workers: Worker processes (None: one per core; 1: this process).
+        ray: Run the attacks as Ray tasks: "local", "auto" or "HOST:PORT".
+        command: The command line, quoted in the report.
+    """
+
+    captures: str
+    out: str = "runs/audit"
+    method: str = "auto"
+    iterations: int | None = None
+    tv_scale: float = IG_TV_SCALE
+    model: ModelInfo | None = None
+    seed: int = 0
+    workers: int | None = None
+    ray: str | None = None
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
+        if self.iterations is not None and self.iterations < 1:
+            raise ConfigError(f"--iterations must be 1 or more, got {self.iterations}")
+        if not (math.isfinite(self.tv_scale) and self.tv_scale >= 0):
+            raise ConfigError(f"--tv-scale must be a number 0 or more, got {self.tv_scale:g}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be 0 or more, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class Work:
+    """What every task gets: the run, the capture's header and the model to build."""
+
+    run: AuditRun
+    capture: Capture
+    model: ModelInfo
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """What the command prints: the summary written, and the refused captures (one line each)."""
+
+    summary: dict[str, Any]
+    problems: tuple[str, ...]
+
+
+def run_audit(run: AuditRun, *, callback: ProgressCallback | None = None) -> AuditResult:
+    """Audit a capture folder; write results.jsonl, leakage.json, report.md and the strips.
+
+    Returns:
+        The summary and the problems (captures refused); the caller exits 2 if there are any.
+
+    Raises:
+        DataError: No readable capture at `run.captures`.
+        ConfigError: No model known, or a folder holding another run.
+    """
+    started = time.perf_counter()
+    capture = read_capture(run.captures)
+    capture = replace(capture, folder=capture.folder.resolve())
+    model = run.model or capture.model
+    if model is None:
+        raise ConfigError(
+            f"{run.captures}/capture.json names no model: give --model NAME --input-shape C,H,W "
+            "--num-classes N"
+        )
+    exchanges, unreadable = read_exchanges(capture)
+    items, notes = plan_items(exchanges)
+    by_sidecar = {e.sidecar: e for e in exchanges}
+    good: list[tuple[Item, tuple[Exchange, ...], bool]] = []
+    problems = [r.reason for r in unreadable]
+    refused = [report.unreadable_entry(r) for r in unreadable]
+    for item in items:
+        parts = tuple(by_sidecar[s] for s in item.sidecars)
+        try:
+            load_target(capture, by_sidecar, item, model, with_truth=False)
+        except GradleakError as error:
+            problems.append(str(error))
+            refused.append(report.refused_entry(item, parts, str(error)))
+            continue
+        try:
+            load_target(capture, by_sidecar, item, model)
+            with_truth = True
+        except GradleakError as error:
+            problems.append(f"{error} (scores left null)")
+            with_truth = False
+        good.append((item, parts, with_truth))
+    out = prepare_out(run.out)
+    with FolderLock(out):
+        pin_run(out, _params(run, capture, model), pinned=PINNED)
+        store = ResultsStore(out / RESULTS, key=lambda row: row["item"])
+        work = Work(run, capture, model)
+        groups = [Group((item.key,), (item, parts, truth)) for item, parts, truth in good]
+
+        def progress(done: int, total: int) -> None:
+            if callback is not None:
+                callback("attacks", done, total)
+
+        with make_executor(run.workers, run.ray) as executor:
+            try:
+                run_sweep(store, groups, audit_target, work, executor, progress=progress)
+            finally:
+                context = _context(run, capture, model, executor.name, started)
+                summary = report.write_all(out, store.rows, refused, notes, problems, context)
+    return AuditResult(summary, tuple(problems))
+
+
+def audit_target(work: Work, spec: tuple[Item, tuple[Exchange, ...], bool], emit: Emit) -> None:
+    """The sweep task: load one target, choose and run its attack, emit its row and frames."""
+    item, parts, with_truth = spec
+    use_cpu_threads(torch.device("cpu"))
+    target = load_target(
+        work.capture, {e.sidecar: e for e in parts}, item, work.model, with_truth=with_truth
+    )
+    run = work.run
+    seed_key = [run.seed, item.round, 0 if item.aggregate else item.node_ids[0]]
+    seed = int(np.random.SeedSequence(seed_key).generate_state(1)[0])
+    start = time.perf_counter()
+    result: Reconstruction | None = None
+    try:
+        choice = choose_attack(
+            target.observation,
+            method=run.method,
+            clipped=target.clipped,
+            iterations=run.iterations,
+            tv_scale=run.tv_scale,
+        )
+        method, reason = choice.method, choice.reason
+        result, error = choice.attack(target.observation, seed=seed), None
+    except AttackNotApplicable as failure:
+        method, reason, error = run.method, "", str(failure)
+    row = result_row(target, result, method, reason, time.perf_counter() - start, error)
+    emit(row, {report.frames_file(item): frames(target, result, row)})
+
+
+def result_row(
+    target: Target,
+    result: Reconstruction | None,
+    method: str,
+    reason: str,
+    seconds: float,
+    error: str | None,
+) -> dict[str, Any]:
+    """One line of results.jsonl (and, reordered, of leakage.json)."""
+    item = target.item
+    row: dict[str, Any] = {
+        "item": item.key,
+        "round": item.round,
+        "node_id": None if item.aggregate else item.node_ids[0],
+        "nodes": list(item.node_ids),
+        "num_examples": target.num_examples,
+        "shared": target.shared,
+        "lr": target.lr,
+        "local_steps": target.local_steps,
+        "epochs": target.epochs,
+        "local_batch": target.local_batch,
+        "clipping_norm": target.clipping_norm,
+        "clipped": target.clipped,
+        "update_norm": target.update_norm,
+        "update_cosine": None,
+        "method": method,
+        "reason": reason,
+        "true_labels": None,
+        "predicted_labels": None,
+        "label_accuracy": None,
+        "mse": None,
+        "psnr": None,
+        "ssim": None,
+        "per_image_mse": None,
+        "images_rebuilt": None,
+        "matching_loss": None,
+        "converged": False,
+        "iterations": 0,
+        "seconds": round(seconds, 3),
+        "error": error,
+    }
+    if target.truth is not None:
+        images, labels = target.truth
+        row["true_labels"] = sorted(int(v) for v in labels)
+        row["update_cosine"] = finite_or_none(_update_cosine(target))
+    if result is None:
+        return row
+    predicted = [int(v) for v in result.labels]
+    row |= {
+        "predicted_labels": sorted(predicted),
+        "matching_loss": finite_or_none(result.final_loss),
+        "converged": bool(result.converged),
+        "iterations": int(result.steps),
+    }
+    if target.truth is None:
+        return row
+    images, labels = target.truth
+    recovered = result.inputs.detach().cpu().float()
+    order, per_mse = metrics.match_reconstructions(recovered, images)
+    pairs = list(zip(recovered[order], images, strict=True))
+    psnr = [metrics.psnr(r, o) for r, o in pairs]
+    ssim = [metrics.ssim(r[None], o[None]) for r, o in pairs]
+    true_counts = np.bincount(labels.numpy(), minlength=target.observation.num_classes)
+    read_counts = np.bincount(np.array(predicted), minlength=target.observation.num_classes)
+    return row | {
+        "label_accuracy": float(np.minimum(true_counts, read_counts).sum() / len(labels)),
+        "mse": finite_or_none(float(np.mean(per_mse))),
+        "psnr": finite_or_none(float(np.mean(psnr))),
+        "ssim": finite_or_none(float(np.mean(ssim))),
+        "per_image_mse": [finite_or_none(v) for v in per_mse],
+        "images_rebuilt": sum(1 for v in per_mse if math.isfinite(v) and v < REBUILT_MSE),
+    }
+
+
+def frames(target: Target, result: Reconstruction | None, row: dict[str, Any]) -> bytes:
+    """A strip's contents: originals (matched order) and reconstructions, with their labels."""
+    shape = (0, *target.observation.input_shape)
+    recovered = (
+        np.zeros(shape, np.float32)
+        if result is None
+        else result.inputs.detach().cpu().float().numpy()
+    )
+    labels = [] if result is None else [int(v) for v in result.labels]
+    originals, true = np.zeros(shape, np.float32), []
+    if target.truth is not None and result is not None:
+        images, truth_labels = target.truth
+        order, _ = metrics.match_reconstructions(result.inputs.detach().cpu().float(), images)
+        recovered, labels = recovered[order], [labels[j] for j in order]
+        originals, true = images.numpy(), [int(v) for v in truth_labels]
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        recovered=recovered,
+        labels=np.array(labels, dtype=np.int64),
+        originals=originals,
+        true=np.array(true, dtype=np.int64),
+    )
+    return buffer.getvalue()
+
+
+def _update_cosine(target: Target) -> float:
+    """Cosine between the update received and the one the client computed from its batch."""
+    assert target.truth is not None
+    images, labels = target.truth
+    observation = target.observation
+    if isinstance(observation, Observation):
+        from gradleak.threat import client_gradients
+
+        clean = client_gradients(observation.model, images, labels)  # -update/lr: same direction
+        received = observation.gradients
+    else:
+        replay = observe_update(
+            observation.model,
+            images,
+            labels,
+            local_lr=observation.local_lr,
+            local_steps=observation.local_steps,
+            epochs=observation.epochs,
+            local_batch=observation.local_batch,
+            seed=0,
+        )
+        clean, received = replay.update, observation.update
+    a = torch.cat([t.double().flatten() for t in clean])
+    b = torch.cat([t.double().flatten() for t in received])
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def _params(run: AuditRun, capture: Capture, model: ModelInfo) -> dict[str, Any]:
+    return {
+        "paper": "audit",
+        "captures": str(capture.folder),
+        "capture_started": capture.started,
+        "method": run.method,
+        "iterations": run.iterations,
+        "tv_scale": run.tv_scale,
+        "seed": run.seed,
+        "model": model.to_json(),
+        "command": run.command,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "gradleak": gradleak.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def _context(
+    run: AuditRun, capture: Capture, model: ModelInfo, executor: str, started: float
+) -> dict[str, Any]:
+    return {
+        "captures": str(capture.folder),
+        "strategy": capture.strategy,
+        "stack": capture.stack,
+        "model": model.to_json(),
+        "method": run.method,
+        "iterations": run.iterations,
+        "tv_scale": run.tv_scale,
+        "seed": run.seed,
+        "executor": executor,
+        "command": run.command,
+        "rebuilt_mse": REBUILT_MSE,
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "date": time.strftime("%Y-%m-%d"),
+        "gradleak": gradleak.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def results_path(out: str | Path) -> Path:
+    return Path(out) / RESULTS

@@ -1,0 +1,203 @@
+"""`gradleak flower-demo`: a real Flower simulation, captured by LeakageAudit, then audited.
+
+1. Checks everything it can before starting Flower: the extra, the data, the
+   model, the output folder.
+2. Runs Flower's simulation engine (`flwr.simulation.run_simulation`, which
+   runs the clients as Ray actors) offline: telemetry and update checks off,
+   Flower's home under ``OUT/.flwr``, Ray's temporary folder under
+   ``OUT/.ray`` (or, when that path is too long for Ray's Unix sockets, under
+   the system's temp folder), Ray limited to `DemoRun.cpus` CPUs, one per
+   client.  The server's strategy is FedAvg in LeakageAudit (apps.py); the
+   captures go to ``OUT/captures/``, with the clients' private batches.
+3. Writes ``OUT/captures/demo.json`` (the settings, the simulation's time)
+   once the simulation has finished, then runs `gradleak audit` on the
+   captures into OUT.
+
+A rerun with the same settings finds demo.json, skips the simulation and
+resumes the audit; other settings, or captures without demo.json (a
+simulation that was cut short), are refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gradleak.errors import ConfigError
+from gradleak.experiments.audit.report import DEMO_SETTINGS
+from gradleak.experiments.audit.run import AuditResult, AuditRun, run_audit
+from gradleak.experiments.common import absolute_data_dir, cached_dataset
+from gradleak.experiments.flower_demo.settings import DemoRun
+from gradleak.integrations.capture import ModelInfo
+from gradleak.outdir import prepare_out
+from gradleak.sweep.executors import cpu_count
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, float, int], None]
+# Ray puts Unix sockets under its temp folder ("<temp>/session_<date>_<pid>/sockets/...",
+# about 65 more characters); Linux allows 107 in a socket path.
+RAY_TEMP_MAX = 40
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What the command prints: the simulation's time and the audit."""
+
+    simulation_seconds: float
+    simulated: bool
+    audit: AuditResult
+
+
+def run_flower_demo(run: DemoRun, *, callback: ProgressCallback | None = None) -> DemoResult:
+    """Simulate, capture and audit; see the module docstring.
+
+    Raises:
+        ConfigError: No Flower extra, bad settings, or an output folder holding another run.
+        DataError: The dataset's files are missing or corrupt.
+    """
+    out = prepare_out(run.out).resolve()
+    run = replace(run, out=str(out), data_dir=absolute_data_dir(run.data_dir))
+    ray_temp = _flower_environment(out)  # before Flower is imported: it reads them at import
+    from gradleak.integrations.flower import require_flower
+
+    require_flower()
+    if not _verbose():
+        logging.getLogger("flwr").setLevel(logging.ERROR)  # it logs every round at INFO
+    data = cached_dataset(run.dataset, run.data_dir)
+    if len(data) // run.clients < run.batch_size:
+        raise ConfigError(
+            f"{run.dataset} has {len(data)} images: {run.clients} clients cannot each hold "
+            f"--batch-size {run.batch_size} of their own; use fewer clients or a smaller batch"
+        )
+    from gradleak.models import build_model
+
+    model = build_model(
+        run.model, input_shape=data.shape, num_classes=data.num_classes, width=run.width, seed=0
+    )
+    info = ModelInfo(run.model, data.shape, data.num_classes, model.gradleak_spec.width)
+    settings = run.recorded() | {"dataset_size": len(data), "model_info": info.to_json()}
+    demo_file = run.captures / DEMO_SETTINGS
+    simulated = False
+    if demo_file.exists():
+        held = _read_settings(demo_file)
+        if held.get("settings") != settings:
+            raise ConfigError(
+                f"{run.out} holds a demo run with other settings; use another --out, or the same "
+                "settings to resume its audit"
+            )
+        seconds = float(held.get("simulation_seconds", 0.0))
+    elif run.captures.exists() and any(run.captures.iterdir()):
+        raise ConfigError(
+            f"{run.captures} holds captures of a simulation that did not finish; delete it or "
+            "use another --out"
+        )
+    else:
+        seconds = _simulate(run, ray_temp, callback)
+        simulated = True
+        payload = {
+            "settings": settings,
+            "simulation_seconds": round(seconds, 3),
+            "ray_temp": ray_temp,
+        }
+        demo_file.write_text(json.dumps(payload, indent=1) + "\n")
+    audit = run_audit(
+        AuditRun(
+            captures=str(run.captures),
+            out=str(out),
+            method=run.method,
+            iterations=run.iterations,
+            tv_scale=run.tv_scale,
+            seed=run.seed,
+            workers=run.workers,
+            command=run.command,
+        ),
+        callback=callback,
+    )
+    return DemoResult(seconds, simulated, audit)
+
+
+def _simulate(run: DemoRun, ray_temp: str, callback: ProgressCallback | None) -> float:
+    """Flower's simulation engine on Ray, the server in this process, the clients as actors."""
+    from flwr.simulation import run_simulation
+
+    from gradleak.experiments.flower_demo.apps import make_apps
+
+    rounds = 0
+
+    def on_round(server_round: int) -> None:
+        nonlocal rounds
+        rounds += 1
+        if callback is not None:
+            callback("flower rounds", rounds, run.rounds)
+
+    if callback is not None:
+        callback("flower rounds", 0, run.rounds)  # the bar shows while Ray starts
+    server_app, client_app = make_apps(run, on_round)
+    cpus = run.cpus or max(1, min(run.clients, cpu_count()))
+    started = time.perf_counter()
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=run.clients,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {
+                "num_cpus": cpus,
+                "num_gpus": 0,
+                "_temp_dir": ray_temp,
+                "include_dashboard": False,
+                "logging_level": "INFO" if _verbose() else "ERROR",
+                "log_to_driver": _verbose(),  # the clients' own log lines
+            },
+        },
+    )
+    seconds = time.perf_counter() - started
+    if rounds != run.rounds:
+        raise ConfigError(
+            f"the Flower simulation ended after {rounds} of {run.rounds} rounds; rerun with -v "
+            "to see Flower's log"
+        )
+    return seconds
+
+
+def _flower_environment(out: Path) -> str:
+    """Offline, quiet, and with Flower's and Ray's state under OUT; returns Ray's temp folder."""
+    os.environ.update(
+        {
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_HOME": str(out / ".flwr"),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        }
+    )
+    ray_temp = out / ".ray"
+    if len(str(ray_temp)) > RAY_TEMP_MAX:
+        ray_temp = Path(tempfile.gettempdir()) / f"gradleak-ray-{os.getuid()}"
+        log.info("%s is too long a path for Ray's sockets; Ray's state goes to %s", out, ray_temp)
+    ray_temp.mkdir(parents=True, exist_ok=True)
+    os.environ["RAY_TMPDIR"] = str(ray_temp)
+    return str(ray_temp)
+
+
+def _verbose() -> bool:
+    """Whether the user asked for logs (gradleak -v): then Flower's and Ray's are shown too."""
+    return logging.getLogger().getEffectiveLevel() <= logging.INFO
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(
+            f"{path} is not readable JSON; delete the folder or use another --out"
+        ) from None
+    return value if isinstance(value, dict) else {}

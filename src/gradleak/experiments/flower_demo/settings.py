@@ -1,0 +1,121 @@
+"""The settings of one `gradleak flower-demo` run (no Flower import: the CLI checks them first)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gradleak.errors import ConfigError
+
+DP_MODES = ("none", "server-fixed", "client-fixed", "local")
+CAPTURES = "captures"
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One `gradleak flower-demo` invocation.
+
+    Attributes:
+        clients: Flower SuperNodes (simulated clients), every one trained each round.
+        rounds: Federated rounds.
+        dataset: Where the clients' private images come from (its test split).
+        model: The model they train, from gradleak's registry.
+        width: Base width of "convnet" or "resnet18".
+        local_steps: SGD steps per client per round (K), each on the whole batch.
+        batch_size: Private images per client per round (B).
+        lr: The clients' SGD learning rate.
+        flower_dp: Flower's differential privacy: "none"; "server-fixed" (the
+            server clips each update and noises the aggregate); "client-fixed"
+            (the clients clip, `fixedclipping_mod`, the server noises the
+            aggregate); "local" (the clients clip and add noise, `LocalDpMod`).
+        secagg: SecAgg+ on Flower's legacy stack (its only stack with it).
+        dp_clipping_norm: The clipping norm of every DP mode.
+        dp_noise_multiplier: The central modes' noise multiplier.
+        dp_epsilon: LocalDpMod's epsilon (its sensitivity is the clipping norm).
+        dp_delta: LocalDpMod's delta.
+        seed: Fixes the initial model, the clients' batches and the attacks.
+        data_dir: The data folder (None: the default).
+        out: Everything goes here: captures/, the audit's files, Flower's and Ray's state.
+        method, iterations, tv_scale, workers: passed to the audit.
+        cpus: CPUs Ray may use for the clients (None: the cores here, at most `clients`).
+        command: The command line, quoted in the report.
+    """
+
+    clients: int = 4
+    rounds: int = 2
+    dataset: str = "mnist"
+    model: str = "lenet"
+    width: int | None = None
+    local_steps: int = 1
+    batch_size: int = 1
+    lr: float = 0.01
+    flower_dp: str = "none"
+    secagg: bool = False
+    dp_clipping_norm: float = 0.1
+    dp_noise_multiplier: float = 1.0
+    dp_epsilon: float = 10.0
+    dp_delta: float = 1e-5
+    seed: int = 0
+    data_dir: str | None = None
+    out: str = "runs/flower-demo"
+    method: str = "auto"
+    iterations: int | None = None
+    tv_scale: float = 1e-3
+    workers: int | None = None
+    cpus: int | None = None
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("clients", "rounds", "local_steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be 1 or more, got {value!r}")
+        if self.clients < 2:
+            raise ConfigError(
+                f"--clients must be 2 or more (FedAvg averages clients), got {self.clients}"
+            )
+        if self.flower_dp not in DP_MODES:
+            raise ConfigError(
+                f"--flower-dp must be one of {', '.join(DP_MODES)}, got {self.flower_dp!r}"
+            )
+        if self.secagg and self.flower_dp != "none":
+            raise ConfigError(
+                "--secagg runs on Flower's legacy stack, where the demo has no DP: "
+                "give --secagg or --flower-dp, not both"
+            )
+        positive = {
+            "--lr": self.lr,
+            "--dp-clipping-norm": self.dp_clipping_norm,
+            "--dp-epsilon": self.dp_epsilon,
+            "--dp-delta": self.dp_delta,
+        }
+        for flag, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} must be a number above 0, got {value:g}")
+        if not (math.isfinite(self.dp_noise_multiplier) and self.dp_noise_multiplier >= 0):
+            raise ConfigError(
+                f"--dp-noise-multiplier must be 0 or more, got {self.dp_noise_multiplier:g}"
+            )
+        if self.cpus is not None and self.cpus < 1:
+            raise ConfigError(f"--cpus must be 1 or more, got {self.cpus}")
+
+    @property
+    def captures(self) -> Path:
+        return Path(self.out) / CAPTURES
+
+    def train_config(self) -> dict[str, Any]:
+        """What the server sends every client each round (Flower adds "server-round")."""
+        return {"lr": self.lr, "local-steps": self.local_steps, "batch-size": self.batch_size}
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings that decide what the simulation produces (demo.json)."""
+        keep = (
+            "clients", "rounds", "dataset", "model", "width", "local_steps", "batch_size", "lr",
+            "flower_dp", "secagg", "dp_clipping_norm", "dp_noise_multiplier", "dp_epsilon",
+            "dp_delta", "seed",
+        )  # fmt: skip
+        values = dataclasses.asdict(self)
+        return {key: values[key] for key in keep}
