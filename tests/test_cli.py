@@ -95,6 +95,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "zero local lr": (["--local-lr", "0"], "--local-lr"),
         "width for lenet": (["--width", "8"], "width"),
         "unknown option": (["--frobnicate"], "--frobnicate"),
+        "unknown batchnorm mode": (["--batchnorm", "frozen"], "--batchnorm"),
+        "improved with auto": (["--method", "auto", "--improved"], "auto picks"),
     }
 
 
@@ -146,3 +148,21 @@ def test_inverting_gradients_attacks_a_fedavg_update(tmp_path: Path) -> None:
     assert (out / "reconstruction.png").read_bytes().startswith(b"\x89PNG")
     known = gradleak("attack", "--labels", "known", "--out", str(out), tmp_path=tmp_path)
     assert known.returncode == 2 and "--labels known is for --method ig" in known.stderr
+
+
+def test_auto_picks_and_says_which(tmp_path: Path) -> None:
+    out = tmp_path / "auto"
+    done = gradleak("attack", "--method", "auto", "--out", str(out), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "--method auto: improved iDLG" in " ".join(done.stdout.split())
+    row = json.loads((out / "metrics.json").read_text())
+    assert (row["method"], row["chosen_by"], row["improved"]) == ("idlg", "auto", True)
+    assert row["choice"].startswith("improved iDLG") and row["label_correct"]
+    assert row["mse"] < 1e-6
+    relu = gradleak("attack", "--method", "auto", "--model", "convnet", "--width", "4",
+                    "--batchnorm", "eval", "--iterations", "3", "--out", str(out),
+                    tmp_path=tmp_path)  # fmt: skip
+    assert relu.returncode == 0, relu.stderr
+    row = json.loads((out / "metrics.json").read_text())
+    assert (row["method"], row["batchnorm"], row["iterations"]) == ("ig", "eval", 3)
+    assert "piecewise-linear" in row["choice"]

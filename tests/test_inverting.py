@@ -14,6 +14,7 @@ from gradleak import build_model, observe, observe_update
 from gradleak.attacks import InvertingGradients
 from gradleak.attacks.inverting import (
     IGConfig,
+    _model_state,
     _Replica,
     attacker_batches,
     cosine_distance,
@@ -191,6 +192,39 @@ def test_the_unrolling_at_the_truth_and_the_clients_order_is_the_observed_update
             replica, x, y, lr=observation.local_lr, batches=fixed, create_graph=False
         )
         assert max_diff(fixed_update, observation.update) > 1e-5
+
+
+def test_the_replay_follows_the_clients_eval_mode(mnist: ImageDataset) -> None:
+    # A client in eval mode (the server's running statistics, breaching's "public
+    # buffers"): the attacker replays eval mode, for a gradient and for an update.
+    x, y = images(mnist, [3, 4, 5, 6])
+    model = relu_net(norm=True)
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.2, 0.2, generator=torch.Generator().manual_seed(0))
+        model[1].running_var.fill_(0.5)
+    shared = observe(model, x, y, batchnorm="eval")
+    replica = _Replica(
+        shared.model,
+        _model_state(shared.model),
+        shared.parameter_names,
+        torch.float32,
+        CPU,
+        train=False,
+    )
+    assert max_diff(dummy_gradient(replica, x, y), shared.gradients) < 1e-6
+    update = observe_update(
+        model, x, y, local_lr=0.01, epochs=1, local_batch=4, seed=0, batchnorm="eval"
+    )
+    replica = _Replica(
+        update.model, update.sent, update.parameter_names, torch.float32, CPU, train=False
+    )
+    batches = attacker_batches(4, 4, 1)
+    simulated = simulate_update(replica, x, y, lr=0.01, batches=batches, create_graph=False)
+    assert max_diff(simulated, update.update) < 1e-7
+    # Not vacuous: a train-mode replay is another update.
+    replica_train = _Replica(update.model, update.sent, update.parameter_names, torch.float32, CPU)
+    other = simulate_update(replica_train, x, y, lr=0.01, batches=batches, create_graph=False)
+    assert max_diff(other, update.update) > 1e-5
 
 
 def test_the_attackers_order_is_consecutive_slices_every_epoch() -> None:

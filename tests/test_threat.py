@@ -341,3 +341,50 @@ def test_observe_leaves_the_servers_batchnorm_statistics_alone(cifar: tuple) -> 
     assert seen.model is model
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+# --- the client's BatchNorm mode -------------------------------------------------------------
+
+
+def trained_like_resnet() -> nn.Module:
+    """resnet20 with running statistics away from (0, 1), so the two modes differ."""
+    model = resnet()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(3)
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+    return model
+
+
+def test_observe_in_eval_mode_is_the_gradient_of_the_eval_mode_model(cifar: tuple) -> None:
+    x, y = cifar[0][:2], cifar[1][:2]
+    model = trained_like_resnet()  # built in train mode
+    seen = observe(model, x, y, batchnorm="eval")
+    reference = copy.deepcopy(model).eval()
+    expected = torch.autograd.grad(F.cross_entropy(reference(x), y), list(reference.parameters()))
+    assert seen.batchnorm == "eval"
+    assert max_diff(seen.gradients, tuple(expected)) <= 1e-6
+    # Not vacuous: the train-mode gradient is another one.
+    assert max_diff(observe(model, x, y).gradients, tuple(expected)) > 1e-3
+    assert model.training  # the server's model keeps its mode
+    assert observe(model, x, y).batchnorm == "train"
+    assert observe(copy.deepcopy(model).eval(), x, y).batchnorm == "eval"  # the model's own
+
+
+def test_observe_update_in_eval_mode_keeps_the_running_statistics(cifar: tuple) -> None:
+    x, y = cifar[0][:4], cifar[1][:4]
+    model = trained_like_resnet()
+    seen = observe_update(
+        model, x, y, local_lr=0.05, local_steps=2, local_batch=2, seed=0, batchnorm="eval"
+    )
+    assert seen.batchnorm == "eval"
+    for name in seen.buffer_names:
+        assert torch.equal(seen.returned[name], seen.sent[name]), name
+    # One whole-batch step in eval mode is -lr times the eval-mode gradient.
+    one = observe_update(model, x, y, local_lr=0.05, local_steps=1, seed=0, batchnorm="eval")
+    gradient = observe(model, x, y, batchnorm="eval").gradients
+    assert max_diff(one.update, tuple(-0.05 * g for g in gradient)) <= 1e-6
+    with pytest.raises(ConfigError, match="batchnorm must be"):
+        observe_update(model, x, y, local_lr=0.05, local_steps=1, seed=0, batchnorm="frozen")

@@ -59,6 +59,7 @@ def observe(
     *,
     defense: GradientTransform | None = None,
     step: ClientStep | None = None,
+    batchnorm: str | None = None,
 ) -> Observation:
     """Simulate one client step and return what the attacker sees.
 
@@ -71,6 +72,11 @@ def observe(
             before sharing it.
         step: Optional replacement for the plain gradient computation,
             ``step(model, x, y) -> gradients`` (e.g. `gradleak.defenses.dp_sgd`).
+        batchnorm: The mode the client runs the model in: "train" (BatchNorm
+            on the batch's own statistics, as a client that calls
+            ``model.train()``), "eval" (on the running statistics the server
+            sent), or None for the mode the model is in.  Recorded in the
+            observation: the attacker replays the same mode.
 
     Returns:
         The shared gradient with the model, input shape and class count.
@@ -79,7 +85,7 @@ def observe(
         DataError: The batch does not fit the model (see the module docstring).
         ConfigError: The batch is on another device than the model.
     """
-    return observe_aggregate(model, [(x, y)], defense=defense, step=step)
+    return observe_aggregate(model, [(x, y)], defense=defense, step=step, batchnorm=batchnorm)
 
 
 def observe_aggregate(
@@ -88,6 +94,7 @@ def observe_aggregate(
     *,
     defense: GradientTransform | None = None,
     step: ClientStep | None = None,
+    batchnorm: str | None = None,
 ) -> Observation:
     """Simulate k clients' steps under secure aggregation: the attacker sees their mean.
 
@@ -100,6 +107,7 @@ def observe_aggregate(
         clients: One private batch ``(x, y)`` per client, shaped as for `observe`.
         defense: Transform each client applies to its own gradient.
         step: Replacement for each client's gradient computation.
+        batchnorm: The clients' mode, as for `observe`.
 
     Returns:
         The aggregate; its `batch_size` counts the examples of all clients.
@@ -110,6 +118,7 @@ def observe_aggregate(
     """
     if not clients:
         raise ConfigError("secure aggregation needs at least one client")
+    mode = _check_mode(batchnorm, model)
     checked = [_check_batch(model, x, y) for x, y in clients]
     batches = [(x, y) for x, y, _ in checked]
     compute = step if step is not None else client_gradients
@@ -117,7 +126,8 @@ def observe_aggregate(
     for x, y in batches:
         # A client trains its own copy: in train mode a BatchNorm forward updates the
         # running statistics, which must not leak into the model the server holds.
-        client = copy.deepcopy(model) if any(True for _ in model.buffers()) else model
+        own_copy = any(True for _ in model.buffers()) or model.training != (mode == "train")
+        client = copy.deepcopy(model).train(mode == "train") if own_copy else model
         gradients = tuple(compute(client, x, y))
         shared.append(tuple(defense(gradients)) if defense is not None else gradients)
     if len(shared) == 1:
@@ -133,6 +143,7 @@ def observe_aggregate(
         input_shape=tuple(x0.shape[1:]),
         num_classes=checked[0][2],
         batch_size=sum(int(x.shape[0]) for x, _ in batches),
+        batchnorm=mode,
     )
 
 
@@ -147,6 +158,7 @@ def observe_update(
     local_batch: int | None = None,
     seed: int,
     defense: GradientTransform | None = None,
+    batchnorm: str = "train",
 ) -> UpdateObservation:
     """Simulate one FedAvg client's round and return what the server receives.
 
@@ -155,6 +167,9 @@ def observe_update(
     n examples, running the model's own forward, so BatchNorm normalises with
     each mini-batch's statistics and updates its running statistics exactly as
     torch does.  It then returns all its weights (parameters and buffers).
+    With ``batchnorm="eval"`` it trains in eval mode instead: BatchNorm
+    normalises with the running statistics the server sent, which it returns
+    unchanged (breaching's "public buffers" setting).
 
     The mini-batches: each epoch draws a fresh order ``torch.randperm(n,
     generator)`` from one ``torch.Generator`` seeded with `seed` and cuts it
@@ -189,6 +204,7 @@ def observe_update(
         local_batch: b, examples per step, 1 to n; None for the whole batch.
         seed: Seeds the generator of the client's shuffled orders.
         defense: Optional transform the client applies to its final update.
+        batchnorm: "train" (default) or "eval": the mode the client trains in.
 
     Returns:
         The weights sent and returned, the update, and the schedule the server
@@ -199,6 +215,7 @@ def observe_update(
         ConfigError: An impossible schedule, or a batch on another device.
     """
     local_lr = _check_lr(local_lr)
+    mode = _check_mode(batchnorm, model)
     if (local_steps is None) == (epochs is None):
         raise ConfigError(
             "give exactly one of local_steps (K mini-batch steps) and epochs "
@@ -228,7 +245,7 @@ def observe_update(
     sent = {name: t.detach().clone() for name, t in global_model.state_dict().items()}
     names = tuple(name for name, p in global_model.named_parameters() if p.requires_grad)
 
-    client = copy.deepcopy(model).train()
+    client = copy.deepcopy(model).train(mode == "train")
     trainable = [p for p in client.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=local_lr, momentum=0.0, weight_decay=0.0)
     generator = torch.Generator().manual_seed(int(seed))
@@ -264,7 +281,17 @@ def observe_update(
         local_steps=local_steps,
         epochs=epochs,
         local_batch=local_batch,
+        batchnorm=mode,
     )
+
+
+def _check_mode(batchnorm: str | None, model: nn.Module) -> str:
+    """The client's mode: the one asked for, or the model's own when None."""
+    if batchnorm is None:
+        return "train" if model.training else "eval"
+    if batchnorm not in ("train", "eval"):
+        raise ConfigError(f"batchnorm must be 'train' or 'eval', not {batchnorm!r}")
+    return batchnorm
 
 
 def _minibatches(n: int, size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:

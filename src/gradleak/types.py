@@ -30,6 +30,11 @@ class Observation:
         input_shape: Shape of one example, e.g. ``(3, 32, 32)``.
         num_classes: Size of the label space.
         batch_size: How many examples the client's gradient averages over.
+        batchnorm: The mode the client ran the model in: "train" (BatchNorm
+            normalises with the batch's own statistics, what a client training
+            with ``model.train()`` does) or "eval" (with the running statistics
+            the server sent: breaching's "public buffers").  Part of the
+            protocol, so the attacker knows it.
     """
 
     model: nn.Module
@@ -38,6 +43,10 @@ class Observation:
     input_shape: tuple[int, ...]
     num_classes: int
     batch_size: int = 1
+    batchnorm: str = "train"
+
+    def __post_init__(self) -> None:
+        _check_batchnorm(self.batchnorm)
 
     @property
     def device(self) -> torch.device:
@@ -80,6 +89,10 @@ class UpdateObservation:
         epochs: Passes over the client's examples (E), or None when the
             schedule is given in `local_steps`.
         local_batch: Examples per mini-batch (b); None means the whole batch.
+        batchnorm: "train" (the client trained in train mode, BatchNorm on each
+            mini-batch's statistics, its running statistics updated) or "eval"
+            (it trained in eval mode, on the running statistics the server sent,
+            which stay as sent).
 
     Equality is identity (the fields hold tensors).
     """
@@ -96,8 +109,10 @@ class UpdateObservation:
     local_steps: int | None = None
     epochs: int | None = None
     local_batch: int | None = None
+    batchnorm: str = "train"
 
     def __post_init__(self) -> None:
+        _check_batchnorm(self.batchnorm)
         if (self.local_steps is None) == (self.epochs is None):
             raise ValueError("an UpdateObservation needs exactly one of local_steps and epochs")
         if len(self.update) != len(self.parameter_names):
@@ -134,6 +149,14 @@ class UpdateObservation:
     def parameter_update(self, name: str) -> torch.Tensor:
         """The update of the parameter called `name`."""
         return self.update[self.parameter_names.index(name)]
+
+
+BATCHNORM_MODES = ("train", "eval")
+
+
+def _check_batchnorm(mode: str) -> None:
+    if mode not in BATCHNORM_MODES:
+        raise ValueError(f"batchnorm must be 'train' or 'eval', not {mode!r}")
 
 
 @dataclass(frozen=True)

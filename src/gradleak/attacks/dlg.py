@@ -260,8 +260,10 @@ def _optimise(
     """The sequential reference engine: one victim, torch.optim.LBFGS."""
     dtype = config.dtype
     model = observation.model
-    if dtype != next(model.parameters()).dtype:
-        model = copy.deepcopy(model).to(dtype)
+    train = observation.batchnorm == "train"
+    if dtype != next(model.parameters()).dtype or model.training != train:
+        # The client's mode, on a copy: the server's model stays as it was.
+        model = copy.deepcopy(model).to(dtype).train(train)
     parameters = [p for p in model.parameters() if p.requires_grad]
     shared = [g.detach().to(dtype) for g in observation.gradients]
     squared_norm = float(sum((g**2).sum() for g in shared))

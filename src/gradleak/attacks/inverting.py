@@ -269,7 +269,7 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Replica:
-    """A private train-mode copy of the model and float copies of its weights.
+    """A private copy of the model, in the client's mode, and float copies of its weights.
 
     ``forward(tensors, x)`` runs the copy with the given weights; buffers are
     copied for every forward, so BatchNorm's running statistics never leak
@@ -283,8 +283,10 @@ class _Replica:
         trainable: Sequence[str],
         dtype: torch.dtype,
         device: torch.device,
+        *,
+        train: bool = True,
     ) -> None:
-        self.module = copy.deepcopy(model).train()
+        self.module = copy.deepcopy(model).train(train)
         parameter_names = {name for name, _ in self.module.named_parameters()}
         self.names = tuple(trainable)
         self.parameters: dict[str, torch.Tensor] = {}
@@ -533,6 +535,7 @@ class InvertingGradients:
                     observation.parameter_names,
                     dtype,
                     device,
+                    train=observation.batchnorm == "train",
                 )
                 observed = tuple(u.detach().to(device, dtype) for u in observation.update)
                 batches = attacker_batches(count, observation.batch_size, observation.steps)
@@ -549,6 +552,7 @@ class InvertingGradients:
                     observation.parameter_names,
                     dtype,
                     device,
+                    train=observation.batchnorm == "train",
                 )
                 observed = tuple(g.detach().to(device, dtype) for g in observation.gradients)
 

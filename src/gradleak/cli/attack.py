@@ -26,7 +26,9 @@ def add(commands: argparse._SubParsersAction) -> None:
     attack.add_argument(
         "--method",
         default="idlg",
-        help="idlg (default), dlg, or ig (Inverting Gradients: ReLU/BatchNorm models, updates)",
+        help="idlg (default), dlg, ig (Inverting Gradients: ReLU/BatchNorm models, updates) "
+        "or auto (the strongest that applies: improved iDLG on smooth models' gradients, "
+        "ig otherwise; it says which)",
     )
     attack.add_argument(
         "--dataset",
@@ -78,6 +80,12 @@ def add(commands: argparse._SubParsersAction) -> None:
     client.add_argument(
         "--local-lr", type=float, default=0.1, help="the client's SGD learning rate (0.1)"
     )
+    client.add_argument(
+        "--batchnorm",
+        default="train",
+        help="train (default: BatchNorm on the client's batch statistics, as model.train()) "
+        "or eval (on the running statistics the server sent: breaching's 'public buffers')",
+    )
     attack.add_argument(
         "--iterations",
         type=positive_int,
@@ -106,7 +114,7 @@ def add(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_attack(args: argparse.Namespace, console: Console) -> None:
-    from gradleak.experiments.attack import AttackRun, planned_iterations, run_attack
+    from gradleak.experiments.attack import AttackRun, run_attack
 
     run = AttackRun(
         method=args.method,
@@ -125,24 +133,30 @@ def cmd_attack(args: argparse.Namespace, console: Console) -> None:
         local_batch=args.local_batch,
         local_lr=args.local_lr,
         labels=args.labels,
+        batchnorm=args.batchnorm,
         num_classes=args.num_classes,
         batch_size=args.batch_size,
         indices=args.indices,
     )
     progress = loss_bar(console)
-    total = planned_iterations(run)
-    task = progress.add_task(f"{run.method} attack", total=total, loss="")
+    bar: dict[str, int] = {}  # the task and its total, once the attack is known
+
+    def on_start(method: str, total: int, reason: str) -> None:
+        if reason:
+            console.print(f"--method auto: {reason}")
+        bar["task"] = progress.add_task(f"{method} attack", total=total, loss="")
+        bar["total"] = total
 
     def on_step(step: int, loss: float) -> None:
         # The bar appears with the first step, so that bad input (found before
         # any step) prints its one error line and nothing else.
         if not progress.live.is_started:
             progress.start()
-        progress.update(task, completed=min(step + 1, total), loss=f"{loss:.2e}")
+        progress.update(bar["task"], completed=min(step + 1, bar["total"]), loss=f"{loss:.2e}")
 
     try:
-        row = run_attack(run, callback=on_step)
-        finish_loss_bar(progress, task, row["iterations"], row["matching_loss"])
+        row = run_attack(run, callback=on_step, on_start=on_start)
+        finish_loss_bar(progress, bar["task"], row["iterations"], row["matching_loss"])
     finally:
         if progress.live.is_started:
             progress.stop()
@@ -159,7 +173,8 @@ def summary_table(row: dict) -> Table:
         return "diverged" if value is None else format(value, spec)
 
     verdict = "correct" if row["label_correct"] else "WRONG"
-    table.add_row("method", f"{row['method']}{' (improved)' if row['improved'] else ''}")
+    picked = " (picked by auto)" if row.get("chosen_by") == "auto" else ""
+    table.add_row("method", f"{row['method']}{' (improved)' if row['improved'] else ''}{picked}")
     if row.get("batch_size", 1) == 1:
         true = f"{row['true_label']}" + (f" ({row['true_class']})" if row["true_class"] else "")
         pred = f"{row['predicted_label']}" + (

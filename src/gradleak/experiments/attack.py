@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import torch
 
 from gradleak import metrics
 from gradleak.attacks import AttackConfig, GradientInversion, StepCallback, build_attack
+from gradleak.attacks.auto import choose_attack
 from gradleak.attacks.inverting import IGConfig, InvertingGradients
 from gradleak.data import load_dataset
 from gradleak.errors import ConfigError, DataError
@@ -38,7 +39,10 @@ from gradleak.types import Observation, Reconstruction, UpdateObservation
 
 log = logging.getLogger(__name__)
 
-METHODS = ("idlg", "dlg", "ig")
+METHODS = ("idlg", "dlg", "ig", "auto")
+
+# on_start(method, planned steps, reason): the attack picked, as it starts.
+StartCallback = Callable[[str, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class AttackRun:
     local_batch: int | None = None
     local_lr: float = 0.1
     labels: str = "infer"
+    batchnorm: str = "train"
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -78,21 +83,34 @@ class AttackRun:
             raise ConfigError(f"unknown --labels '{self.labels}': choose infer or known")
         if not (math.isfinite(self.local_lr) and self.local_lr > 0):
             raise ConfigError(f"--local-lr must be a number above 0, got {self.local_lr:g}")
+        if self.batchnorm not in ("train", "eval"):
+            raise ConfigError(f"unknown --batchnorm '{self.batchnorm}': choose train or eval")
 
     def fedsgd(self, batch_size: int) -> bool:
         """Whether the client shares one gradient (one local step on its whole batch)."""
         return self.local_steps == 1 and self.local_batch in (None, batch_size)
 
 
-def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[str, Any]:
+def run_attack(
+    run: AttackRun,
+    *,
+    callback: StepCallback | None = None,
+    on_start: StartCallback | None = None,
+) -> dict[str, Any]:
     """Simulate the victim, attack its gradient, write metrics.json and the strip.
+
+    Args:
+        run: What to attack and how.
+        callback: Called after every optimiser step with ``(step, loss)``.
+        on_start: Called once the attack is picked, before its first step,
+            with the method, its planned steps and why it was picked.
 
     Returns:
         The metrics written to ``<out>/metrics.json``.
     """
     if run.model not in MODELS:
         raise ConfigError(f"unknown model '{run.model}': choose one of {', '.join(MODELS)}")
-    attack = _build_attack(run)
+    attack = _build_attack(run)  # None for auto: picked once the observation is there
     device = resolve_device(run.device)
     use_cpu_threads(device)
     dataset = load_dataset(run.dataset, data_dir=run.data_dir, num_classes=run.num_classes)
@@ -116,9 +134,11 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
     model = model.to(device)
     targets = torch.tensor(labels, device=device)
     if run.fedsgd(len(indices)):
-        observation: Observation | UpdateObservation = observe(model, images.to(device), targets)
+        observation: Observation | UpdateObservation = observe(
+            model, images.to(device), targets, batchnorm=run.batchnorm
+        )
     else:
-        if not isinstance(attack, InvertingGradients):
+        if attack is not None and not isinstance(attack, InvertingGradients):
             raise ConfigError(
                 f"{run.method} matches one gradient; a client running --local-steps "
                 f"{run.local_steps} (or a --local-batch smaller than its batch) sends an "
@@ -132,7 +152,17 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
             local_steps=run.local_steps,
             local_batch=run.local_batch,
             seed=client_seed,
+            batchnorm=run.batchnorm,
         )
+
+    method, reason = run.method, ""
+    if attack is None:
+        choice = choose_attack(observation, iterations=run.iterations)
+        attack, method, reason = choice.attack, choice.method, choice.reason
+        observation = choice.observation
+        log.info("--method auto picked %s", reason)
+    if on_start is not None:
+        on_start(method, attack.config.iterations, reason)
 
     start = time.perf_counter()
     known = targets if run.labels == "known" else None
@@ -155,7 +185,9 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
     per_image_psnr = [metrics.psnr(r, o) for r, o in pairs]
     per_image_ssim = [metrics.ssim(r[None], o[None]) for r, o in pairs]
     row: dict[str, Any] = {
-        "method": run.method,
+        "method": method,
+        "chosen_by": "auto" if run.method == "auto" else "user",
+        "choice": reason or None,
         "dataset": dataset.name,
         "index": indices[0],
         "model": run.model,
@@ -188,12 +220,13 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
         "restarts": result.restarts,
         "seconds": round(seconds, 3),
         "seed": run.seed,
-        "improved": run.improved,
+        "improved": bool(getattr(attack.config, "improved", False)),
         "weights": run.weights,
         "shared": "gradient" if run.fedsgd(len(indices)) else "update",
         "local_steps": run.local_steps,
         "local_batch": run.local_batch or len(indices),
         "local_lr": run.local_lr,
+        "batchnorm": run.batchnorm,
         "device": str(device),
         "config": asdict(attack.config),
         "torch": torch.__version__,
@@ -204,17 +237,14 @@ def run_attack(run: AttackRun, *, callback: StepCallback | None = None) -> dict[
     return row
 
 
-def planned_iterations(run: AttackRun) -> int:
-    """The steps the attack will take at most (for a progress bar)."""
-    if run.iterations is not None:
-        return run.iterations
-    return IGConfig().iterations if run.method == "ig" else AttackConfig().iterations
-
-
-def _build_attack(run: AttackRun) -> GradientInversion | InvertingGradients:
-    """DLG or iDLG (L-BFGS, 300 steps by default) or Inverting Gradients (Adam)."""
+def _build_attack(run: AttackRun) -> GradientInversion | InvertingGradients | None:
+    """DLG or iDLG (L-BFGS, 300 steps by default), Inverting Gradients (Adam), None for auto."""
     if run.method not in METHODS:
         raise ConfigError(f"unknown method '{run.method}': choose one of {', '.join(METHODS)}")
+    if run.method == "auto":
+        if run.improved:
+            raise ConfigError("--improved is for dlg and idlg; auto picks its own attack")
+        return None
     if run.method == "ig":
         if run.improved:
             raise ConfigError("--improved is for dlg and idlg; ig has its own optimiser")
