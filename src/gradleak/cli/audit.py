@@ -213,16 +213,30 @@ def _print(console: Console, summary: dict[str, Any], out: str) -> None:
     from gradleak.experiments.audit.report import verdict
 
     table = Table(title="what the server rebuilt, per round and client")
-    for column in ("round", "node", "saw", "method", "labels true -> read", "MSE", "leaked"):
+    for column in (
+        "round",
+        "node",
+        "server saw",
+        "method",
+        "labels: true -> read",
+        "MSE",
+        "rebuilt",
+    ):
         table.add_column(column)
     for e in summary["entries"]:
-        node = "aggregate" if e["node_id"] is None else str(e["node_id"])
+        node = "aggregate" if e["node_id"] is None else f"...{str(e['node_id'])[-6:]}"
         true = "?" if e["true_labels"] is None else ",".join(map(str, e["true_labels"]))
         read = "?" if e["predicted_labels"] is None else ",".join(map(str, e["predicted_labels"]))
         mse = "n/a" if e["mse"] is None else f"{e['mse']:.1e}"
+        if e["error"]:
+            rebuilt = "not audited" if e["method"] is None else "attack failed"
+        elif e["images_rebuilt"] is None:
+            rebuilt = "matched" if e["converged"] else "not matched"
+        else:
+            rebuilt = f"{e['images_rebuilt']}/{e['num_examples']}"
         table.add_row(
             str(e["round"]), node, str(e["shared"] or "-"), str(e["method"] or "-"),
-            f"{true} -> {read}", mse, e["error"] or e["leaked"],
+            f"{true} -> {read}", mse, rebuilt,
         )  # fmt: skip
     console.print(table)
     for line in verdict(summary):

@@ -1,42 +1,40 @@
-"""Which attack the audit runs on a client's reply, and why: one small function.
+"""Which attack the audit runs on a client's reply, and why.
 
-The contract (the same as the project's attack chooser, `--method auto`, once
-it lands on main): an observation in, ``(attack, method name, reason)`` out.
-Until then the rule lives here:
+The choice is the project's attack chooser (`gradleak.attacks.auto`, the
+`--method auto` of `gradleak attack`): improved iDLG on gradients of smooth
+models, Inverting Gradients on updates of several local steps and on models
+with ReLU or max-pooling.  The audit adds what only the server's seat knows:
 
-* A FedAvg update (several local steps): Inverting Gradients, which unrolls
-  the client's local SGD from the weights sent with the schedule sent.
-* A gradient (one local step on the whole batch: ``-update / lr``):
-  - clipped by the client to the clipping norm the server sent (Flower's
-    client-side DP clipping): its scale is lost, and iDLG's matching needs it.
-    For one image of a sigmoid conv net the closed-form start does not (every
-    equation it solves is linear in the gradient's scale), so `ScaleFreeIDLG`
-    reads the image in closed form, measures the scale against that image's
-    own gradient, undoes it and runs the improved iDLG; otherwise Inverting
-    Gradients, which matches the direction only;
-  - a sigmoid conv net ending in a Linear layer (iDLG's LeNet): the improved
-    iDLG, whose closed-form start reads a single image back exactly and whose
-    batch label rule and float64 matching handle small batches;
-  - any other model (ReLU, BatchNorm): Inverting Gradients.
+* `clipped`: the client clipped its update to the clipping norm the server
+  sent (Flower's client-side DP clipping), so the gradient's scale is lost,
+  and iDLG's matching needs it.  For one image of a sigmoid conv net the
+  closed-form start does not (every equation it solves is homogeneous in the
+  gradient), so `ScaleFreeIDLG` reads the image in closed form, measures the
+  scale against that image's own gradient, undoes it and runs the improved
+  iDLG ("idlg-rescaled"); otherwise Inverting Gradients, which matches the
+  direction only.
+* `--method idlg|dlg|ig` overrides the choice (iDLG and DLG attack gradients
+  only).
 
-IG's total-variation weight defaults to 1e-3 here, not the paper's 0.2: on
-iDLG's LeNet and MNIST digits (4 local steps at lr 0.01, one image, 500
-steps) 0.2 left three digits at MSE 0.05-0.08 and 1e-3 brought them to
-0.8-1.4e-4 (`/tmp` measurement of 2026-12-02, quoted in the README).
+Inverting Gradients runs 500 steps with a total-variation weight of 1e-3 here,
+not the paper's 24,000 and 0.2: on iDLG's LeNet and MNIST digits (4 local steps
+at lr 0.01, one image each) 0.2 left the digits blurred at MSE 0.05-0.08 and
+1e-3 brought them below 1e-3, with no gain from 1,000 steps over 500
+(`tools/audit_ig_settings.py`, README "Auditing a Flower run").
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from gradleak.attacks import DLG, IDLG, StepCallback
 from gradleak.attacks.analytic import analytic_inputs, sigmoid_conv_chain
+from gradleak.attacks.auto import Choice
+from gradleak.attacks.auto import choose_attack as auto_choice
 from gradleak.attacks.inverting import IGConfig, InvertingGradients
 from gradleak.errors import AttackNotApplicable, ConfigError
 from gradleak.types import Observation, Reconstruction, UpdateObservation
@@ -44,15 +42,6 @@ from gradleak.types import Observation, Reconstruction, UpdateObservation
 METHODS = ("auto", "idlg", "dlg", "ig")
 IG_ITERATIONS = 500
 IG_TV_SCALE = 1e-3
-
-
-@dataclass(frozen=True)
-class Choice:
-    """The attack to run, its name in reports, and one sentence on why."""
-
-    attack: Any
-    method: str
-    reason: str
 
 
 def choose_attack(
@@ -72,67 +61,51 @@ def choose_attack(
         iterations: Optimiser steps (None: the method's own; IG: `IG_ITERATIONS`).
         tv_scale: IG's total-variation weight.
 
+    Returns:
+        The attack, the observation to run it on, its name and one sentence on why.
+
     Raises:
         ConfigError: An unknown method.
         AttackNotApplicable: iDLG or DLG asked for on an update of several steps.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    ig_config = IGConfig(
+        iterations=iterations or IG_ITERATIONS,
+        tv_scale=tv_scale,
+        snapshot_every=iterations or IG_ITERATIONS,
+    )
     update = isinstance(observation, UpdateObservation)
-    steps = observation.steps if update else 1
+    if method == "ig":
+        return Choice(InvertingGradients(ig_config), "ig", observation, "ig asked for (--method)")
     if method in ("idlg", "dlg"):
         if update:
             raise AttackNotApplicable(
-                f"{method} attacks a gradient and this client ran {steps} local steps; "
-                "use --method auto or ig"
+                f"{method} attacks a gradient and this client ran {observation.steps} local "
+                "steps; use --method auto or ig"
             )
         kind = IDLG if method == "idlg" else DLG
         options = {} if iterations is None else {"iterations": iterations}
-        return Choice(kind(improved=True, **options), method, f"{method} asked for (--method)")
-    ig = InvertingGradients(
-        IGConfig(
-            iterations=iterations or IG_ITERATIONS,
-            tv_scale=tv_scale,
-            snapshot_every=iterations or IG_ITERATIONS,
-        )
-    )
-    if method == "ig":
-        return Choice(ig, "ig", "ig asked for (--method)")
-    if update:
+        return Choice(kind(improved=True, **options), method, observation, f"{method} asked for")
+    choice = auto_choice(observation, iterations=iterations, ig=ig_config)
+    if not clipped or choice.method != "idlg":
+        return choice
+    seen = choice.observation
+    why = "the client clipped its update to the clipping norm the server sent, so the "
+    closed_form = isinstance(seen, Observation) and seen.batch_size == 1
+    if closed_form and sigmoid_conv_chain(seen) is not None:
         return Choice(
-            ig,
-            "ig",
-            f"{steps} local steps: the update is not one gradient; Inverting Gradients replays "
-            f"the client's {steps} SGD steps at lr {observation.local_lr:g} from the weights sent",
-        )
-    closed_form = sigmoid_conv_chain(observation) is not None
-    if clipped and closed_form and observation.batch_size == 1:
-        return Choice(
-            ScaleFreeIDLG(_idlg(iterations)),
+            ScaleFreeIDLG(choice.attack),
             "idlg-rescaled",
-            "the client clipped its update to the clipping norm the server sent, so the "
-            "gradient's scale is lost; the closed form does not need it, and the scale it "
-            "measures against the image it reads is undone before iDLG's matching",
-        )
-    if clipped:
-        return Choice(
-            ig,
-            "ig",
-            "the client clipped its update to the clipping norm the server sent, so the "
-            "gradient's scale is lost; Inverting Gradients matches its direction only",
-        )
-    if closed_form:
-        return Choice(
-            _idlg(iterations),
-            "idlg",
-            "one local step: -update/lr is the client's gradient; the sigmoid conv net admits "
-            "iDLG's label rule and a closed-form start, then float64 gradient matching",
+            seen,
+            why + "gradient's scale is lost; the closed form does not need it, and the scale "
+            "it measures against the image it reads is undone before iDLG's matching",
         )
     return Choice(
-        ig,
+        InvertingGradients(ig_config),
         "ig",
-        "one local step: -update/lr is the client's gradient; no closed form for this model "
-        "(ReLU or BatchNorm), so Inverting Gradients",
+        seen,
+        why + "gradient's scale is lost; Inverting Gradients matches its direction only",
     )
 
 

@@ -191,6 +191,7 @@ def load_target(
             input_shape=model_info.input_shape,
             num_classes=model_info.num_classes,
             batch_size=num_examples,
+            batchnorm="train",  # a Flower client trains with model.train()
         )
         if item.aggregate and total_steps != 1:
             raise DataError(
@@ -211,6 +212,7 @@ def load_target(
             local_steps=steps,
             epochs=epochs,
             local_batch=None if whole_batch else batch,
+            batchnorm="train",
         )
     truth = _truth(capture, parts, model_info, num_examples) if with_truth else None
     clipping = _number(_config_value(first, CLIPPING_KEY))

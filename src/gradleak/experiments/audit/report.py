@@ -146,25 +146,29 @@ def verdict(summary: Mapping[str, Any]) -> list[str]:
 
 def _round_verdict(here: list[dict], refused: list[dict], bar: float) -> str:
     parts = []
-    scored = [e for e in here if e["mse"] is not None]
-    aggregate = [e for e in here if e["shared"] == "aggregate"]
-    if aggregate:
-        e = aggregate[0]
-        parts.append(
-            f"the server got only the aggregate of {len(e['nodes'])} clients (identical replies: "
-            f"secure aggregation); attacked as one batch of {e['num_examples']} examples"
+    for e in (e for e in here if e["shared"] == "aggregate"):
+        m = e["num_examples"]
+        said = (
+            f"the server got only the aggregate of {len(e['nodes'])} clients (their replies were "
+            f"identical: secure aggregation) and attacked it as one batch of {m} images"
         )
+        if e["mse"] is not None:
+            labels = round((e["label_accuracy"] or 0) * m)
+            said += (
+                f": {e['images_rebuilt']} of {m} images rebuilt (MSE < {bar:g}), {labels} of {m} "
+                "labels read, though not which client had which"
+            )
+        parts.append(said)
+    scored = [e for e in here if e["mse"] is not None and e["shared"] != "aggregate"]
     if scored:
         images = sum(e["images_rebuilt"] or 0 for e in scored)
         total = sum(e["num_examples"] for e in scored)
-        clients = sum(1 for e in scored if e["images_rebuilt"] == e["num_examples"])
+        whole = sum(1 for e in scored if e["images_rebuilt"] == e["num_examples"])
         labels = sum(1 for e in scored if e["label_accuracy"] == 1.0)
-        worst = max(e["mse"] for e in scored)
-        who = "targets" if aggregate else "clients"
         parts.append(
-            f"{images} of {total} private images rebuilt (MSE < {bar:g}); all images of "
-            f"{clients} of {len(scored)} {who}; every label of {labels} of {len(scored)} {who} "
-            f"read; worst MSE {worst:.1e}"
+            f"{images} of {total} private images rebuilt (MSE < {bar:g}), every image of {whole} "
+            f"of {len(scored)} clients; every label of {labels} of {len(scored)} clients read; "
+            f"worst MSE {max(e['mse'] for e in scored):.1e}"
         )
     unscored = [e for e in here if e["mse"] is None]
     if unscored:
@@ -174,7 +178,7 @@ def _round_verdict(here: list[dict], refused: list[dict], bar: float) -> str:
             "score them: see the strips)"
         )
     if refused:
-        parts.append(f"{len(refused)} refused (see Problems)")
+        parts.append(f"{len(refused)} not audited (see Problems)")
     return "; ".join(parts) + "." if parts else "nothing audited."
 
 
@@ -225,14 +229,15 @@ def _prevention(entries: list[dict], bar: float) -> str:
     advice = []
     if individual:
         advice.append(
-            "secure aggregation (Flower's SecAgg+) would have shown the server only each round's "
-            "aggregate instead of every client's update"
-        )
-        advice.append(
-            "noise added on the client before sending (local DP, Flower's LocalDpMod) is the only "
-            "DP option of Flower that changes what the server receives from each client; "
+            "noise added on each client before sending (local DP, Flower's LocalDpMod) is the "
+            "only DP option of Flower that changes what the server receives from a client; "
             "server-side DP clips and adds noise after the server holds every update, and "
             "client-side clipping only rescales an update, keeping its direction"
+        )
+        advice.append(
+            "secure aggregation (Flower's SecAgg+) would have shown the server only each "
+            "round's aggregate, which hides which client sent what but, for a few clients with "
+            "small batches, is still the gradient of one small batch"
         )
     if any(e["shared"] == "gradient" for e in entries):
         advice.append(
@@ -241,8 +246,8 @@ def _prevention(entries: list[dict], bar: float) -> str:
         )
     if any(e["shared"] == "aggregate" for e in entries):
         advice.append(
-            "the aggregate of few one-image clients is the gradient of one small batch: more "
-            "clients per round, larger batches or local noise would have hidden it"
+            "an aggregate of few one-step clients is the gradient of one small batch: more "
+            "clients per round, larger batches or noise on each client would have hidden it"
         )
     return "; ".join(advice) + "."
 

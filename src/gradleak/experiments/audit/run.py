@@ -197,7 +197,7 @@ def audit_target(work: Work, spec: tuple[Item, tuple[Exchange, ...], bool], emit
             tv_scale=run.tv_scale,
         )
         method, reason = choice.method, choice.reason
-        result, error = choice.attack(target.observation, seed=seed), None
+        result, error = choice.attack(choice.observation, seed=seed), None
     except AttackNotApplicable as failure:
         method, reason, error = run.method, "", str(failure)
     row = result_row(target, result, method, reason, time.perf_counter() - start, error)

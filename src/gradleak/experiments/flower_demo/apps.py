@@ -253,10 +253,13 @@ def serve_legacy(
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=run.rounds), strategy=audit
     )
-    # Fractions: every client holds a share of every key and all are needed (works from 2 clients).
-    workflow = DefaultWorkflow(
-        fit_workflow=SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=1.0)
+    # Fractions: every client holds a share of every key and all are needed (works from 2
+    # clients).  max_weight is the largest example count a client can have, B: Flower's default
+    # (1,000) scales a one-image update down 1,000-fold before quantising it, which buries it.
+    secagg = SecAggPlusWorkflow(
+        num_shares=1.0, reconstruction_threshold=1.0, max_weight=float(run.batch_size)
     )
+    workflow = DefaultWorkflow(fit_workflow=secagg)
     workflow(grid, legacy)
 
 
