@@ -50,9 +50,8 @@ from typing import Any
 import numpy as np
 
 from gradleak.errors import ConfigError
+from gradleak.integrations import missing_flower
 from gradleak.integrations.capture import CaptureWriter, ModelInfo, Records, ScheduleKeys
-
-FLOWER_EXTRA = 'pip install "gradleak[flower]"'
 
 
 def require_flower() -> Any:
@@ -64,7 +63,7 @@ def require_flower() -> Any:
     try:
         import flwr
     except ImportError:
-        raise ConfigError(f"the Flower commands need the flower extra: {FLOWER_EXTRA}") from None
+        raise missing_flower() from None
     return flwr
 
 

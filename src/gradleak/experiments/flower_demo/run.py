@@ -35,6 +35,7 @@ from gradleak.experiments.audit.report import DEMO_SETTINGS
 from gradleak.experiments.audit.run import AuditResult, AuditRun, run_audit
 from gradleak.experiments.common import absolute_data_dir, cached_dataset
 from gradleak.experiments.flower_demo.settings import DemoRun
+from gradleak.integrations import missing_flower
 from gradleak.integrations.capture import ModelInfo
 from gradleak.outdir import prepare_out
 from gradleak.sweep.executors import cpu_count
@@ -64,13 +65,9 @@ def run_flower_demo(run: DemoRun, *, callback: ProgressCallback | None = None) -
         DataError: The dataset's files are missing or corrupt.
     """
     out = prepare_out(run.out).resolve()
+    if not _installed("flwr"):
+        raise missing_flower()
     run = replace(run, out=str(out), data_dir=absolute_data_dir(run.data_dir))
-    ray_temp = _flower_environment(out)  # before Flower is imported: it reads them at import
-    from gradleak.integrations.flower import require_flower
-
-    require_flower()
-    if not _verbose():
-        logging.getLogger("flwr").setLevel(logging.ERROR)  # it logs every round at INFO
     data = cached_dataset(run.dataset, run.data_dir)
     if len(data) // run.clients < run.batch_size:
         raise ConfigError(
@@ -83,6 +80,12 @@ def run_flower_demo(run: DemoRun, *, callback: ProgressCallback | None = None) -
         run.model, input_shape=data.shape, num_classes=data.num_classes, width=run.width, seed=0
     )
     info = ModelInfo(run.model, data.shape, data.num_classes, model.gradleak_spec.width)
+    ray_temp = _flower_environment(out)  # before Flower is imported: it reads them at import
+    from gradleak.integrations.flower import require_flower
+
+    require_flower()
+    if not _verbose():
+        logging.getLogger("flwr").setLevel(logging.ERROR)  # it logs every round at INFO
     settings = run.recorded() | {"dataset_size": len(data), "model_info": info.to_json()}
     demo_file = run.captures / DEMO_SETTINGS
     simulated = False
@@ -186,6 +189,16 @@ def _flower_environment(out: Path) -> str:
     ray_temp.mkdir(parents=True, exist_ok=True)
     os.environ["RAY_TMPDIR"] = str(ray_temp)
     return str(ray_temp)
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (Flower reads its settings then)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+        return False
 
 
 def _verbose() -> bool:
