@@ -202,3 +202,46 @@ def test_flower_demo_without_the_extra_is_one_line_and_exit_2(tmp_path: Path) ->
     assert done.stderr.strip().splitlines() == [
         'gradleak: error: the Flower commands need the flower extra: pip install "gradleak[flower]"'
     ]
+
+
+def test_the_legacy_wrapper_records_secure_aggregation_as_one_aggregate(tmp_path: Path) -> None:
+    """Under SecAgg+ the legacy strategy is handed N replies that all carry the aggregate."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.strategy import FedAvg as LegacyFedAvg
+
+    from gradleak.experiments.audit.load import plan_items
+    from gradleak.integrations.flower import LegacyLeakageAudit
+
+    run = demo(tmp_path)
+    model = demo_model(run, load_dataset(run.dataset))
+    arrays = [t.numpy() for t in model.state_dict().values()]
+    manager = SimpleClientManager()
+    for node in (11, 22):
+        manager.register(GridClientProxy(node, None, 1))  # type: ignore[arg-type]
+
+    def legacy() -> LegacyFedAvg:
+        return LegacyFedAvg(
+            fraction_fit=1.0, min_fit_clients=2, min_available_clients=2,
+            on_fit_config_fn=lambda r: {**run.train_config(), "server-round": r},
+        )  # fmt: skip
+
+    wrapper = LegacyLeakageAudit(
+        legacy(), out=run.captures, model=model_info(run, load_dataset("sample"))
+    )
+    instructions = wrapper.configure_fit(1, ndarrays_to_parameters(arrays), manager)
+    aggregate = ndarrays_to_parameters([a + 0.5 for a in arrays])  # what SecAgg+ hands on
+    results = [
+        (proxy, FitRes(Status(Code.OK, ""), aggregate, 1, {"train-loss": 1.0}))
+        for proxy, _ in instructions
+    ]
+    wrapped, _ = wrapper.aggregate_fit(1, results, [])
+    plain, _ = legacy().aggregate_fit(1, results, [])
+    for a, b in zip(parameters_to_ndarrays(wrapped), parameters_to_ndarrays(plain), strict=True):
+        assert a.tobytes() == b.tobytes()
+    exchanges, problems = read_exchanges(read_capture(run.captures))
+    assert problems == [] and sorted(e.node_id for e in exchanges) == [11, 22]
+    assert all(e.config["config"]["lr"] == run.lr and e.num_examples == 1 for e in exchanges)
+    items, _ = plan_items(exchanges)
+    assert [(i.key, i.node_ids) for i in items] == [("round-0001/aggregate", (11, 22))]

@@ -42,5 +42,6 @@ def test_flower_demo_runs_flower_and_rebuilds_every_client(data_root: Path, tmp_
         assert (out / entry["strip"]).is_file()
     assert (out / "overview.png").is_file()
     assert (out / "report.md").read_text().startswith("# What this Flower run leaked")
-    assert (out / ".flwr").is_dir()  # Flower's state stayed under OUT
+    # Flower's and Ray's state stayed under OUT (Ray's through a short link, then removed).
+    assert (out / ".flwr").is_dir() and list((out / ".ray").glob("session_*"))
     print(f"flower-demo, 2 clients x 1 round: {seconds:.1f} s")

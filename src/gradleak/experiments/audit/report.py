@@ -337,7 +337,10 @@ def _render_strip(out: Path, row: Mapping[str, Any]) -> bool:
     read = _labels(row["predicted_labels"])
     title = f"round {row['round']}, {who}\n{row['method']}: labels read {read}"
     if row.get("mse") is not None:
-        title += f"\nMSE {row['mse']:.1e}, PSNR {row['psnr']:.1f} dB"
+        title += (
+            f"\nMSE {row['mse']:.1e}, PSNR {row['psnr']:.1f} dB\n"
+            f"SSIM {row['ssim']:.3f}, labels {row['label_accuracy']:.0%} right"
+        )
     save_strip_rows(out / strip_file(row["item"]), [("", frames)], title=title)
     return True
 

@@ -4,9 +4,9 @@
    model, the output folder.
 2. Runs Flower's simulation engine (`flwr.simulation.run_simulation`, which
    runs the clients as Ray actors) offline: telemetry and update checks off,
-   Flower's home under ``OUT/.flwr``, Ray's temporary folder under
-   ``OUT/.ray`` (or, when that path is too long for Ray's Unix sockets, under
-   the system's temp folder), Ray limited to `DemoRun.cpus` CPUs, one per
+   Flower's home under ``OUT/.flwr``, Ray's temporary folder ``OUT/.ray``
+   (through a short link in the system's temp folder when that path is too
+   long for Ray's Unix sockets), Ray limited to `DemoRun.cpus` CPUs, one per
    client.  The server's strategy is FedAvg in LeakageAudit (apps.py); the
    captures go to ``OUT/captures/``, with the clients' private batches.
 3. Writes ``OUT/captures/demo.json`` (the settings, the simulation's time)
@@ -20,6 +20,7 @@ simulation that was cut short), are refused in one line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -103,13 +104,13 @@ def run_flower_demo(run: DemoRun, *, callback: ProgressCallback | None = None) -
             "use another --out"
         )
     else:
-        seconds = _simulate(run, ray_temp, callback)
+        try:
+            seconds = _simulate(run, ray_temp, callback)
+        finally:
+            if Path(ray_temp).is_symlink():
+                Path(ray_temp).unlink()  # the short link to OUT/.ray (see _flower_environment)
         simulated = True
-        payload = {
-            "settings": settings,
-            "simulation_seconds": round(seconds, 3),
-            "ray_temp": ray_temp,
-        }
+        payload = {"settings": settings, "simulation_seconds": round(seconds, 3)}
         demo_file.write_text(json.dumps(payload, indent=1) + "\n")
     audit = run_audit(
         AuditRun(
@@ -182,11 +183,18 @@ def _flower_environment(out: Path) -> str:
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         }
     )
-    ray_temp = out / ".ray"
-    if len(str(ray_temp)) > RAY_TEMP_MAX:
-        ray_temp = Path(tempfile.gettempdir()) / f"gradleak-ray-{os.getuid()}"
-        log.info("%s is too long a path for Ray's sockets; Ray's state goes to %s", out, ray_temp)
-    ray_temp.mkdir(parents=True, exist_ok=True)
+    ray_state = out / ".ray"
+    ray_state.mkdir(parents=True, exist_ok=True)
+    ray_temp = ray_state
+    if len(str(ray_state)) > RAY_TEMP_MAX:
+        # Too long for Ray's socket paths: Ray gets a short link in the temp folder that
+        # points into OUT, so its state still lands under OUT.
+        digest = hashlib.sha256(str(ray_state).encode()).hexdigest()[:12]
+        ray_temp = Path(tempfile.gettempdir()) / f"gradleak-ray-{digest}"
+        if ray_temp.is_symlink():
+            ray_temp.unlink()
+        ray_temp.symlink_to(ray_state, target_is_directory=True)
+        log.info("Ray's state goes to %s through the link %s", ray_state, ray_temp)
     os.environ["RAY_TMPDIR"] = str(ray_temp)
     return str(ray_temp)
 
