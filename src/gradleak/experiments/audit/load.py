@@ -168,7 +168,7 @@ def load_target(
     counts = [e.num_examples for e in parts]
     if any(c is None or c < 1 for c in counts):
         raise DataError(
-            f"{where}: the reply names no example count ('{capture_weight_key(first)}'); "
+            f"{where}: the reply names no example count ('num-examples'); "
             "the audit needs it to read the update"
         )
     num_examples = int(sum(c for c in counts if c is not None))
@@ -178,12 +178,17 @@ def load_target(
     if norm == 0.0:
         raise DataError(f"{where}: the returned weights equal the sent ones; nothing to audit")
     lr, steps, epochs, batch = schedule
-    total_steps = (
-        steps if steps is not None else (epochs or 0) * -(-num_examples // (batch or num_examples))
-    )
-    whole_batch = batch is None or batch >= num_examples
-    if item.aggregate or (total_steps == 1 and whole_batch):
-        # One step on the whole batch (or the mean of such steps): the gradient of the mean loss.
+    own = int(first.num_examples or 0)  # one client's examples: what its schedule runs over
+    total_steps = steps if steps is not None else (epochs or 0) * -(-own // (batch or own))
+    whole_batch = batch is None or batch >= own
+    if item.aggregate and not (total_steps == 1 and whole_batch):
+        raise DataError(
+            f"{where}: an aggregate of {len(parts)} clients of {total_steps} local steps each; "
+            "the audit attacks aggregates of one-step clients only"
+        )
+    if total_steps == 1 and whole_batch:
+        # One step on the whole batch (or the example-weighted mean of such steps, an
+        # aggregate): -update / lr is the gradient of the mean loss over all its examples.
         observation: Observation | UpdateObservation = Observation(
             model=model,
             gradients=tuple(-u / lr for u in update),
@@ -193,11 +198,6 @@ def load_target(
             batch_size=num_examples,
             batchnorm="train",  # a Flower client trains with model.train()
         )
-        if item.aggregate and total_steps != 1:
-            raise DataError(
-                f"{where}: an aggregate of {len(parts)} clients of {total_steps} local steps each; "
-                "the audit attacks aggregates of one-step clients only"
-            )
     else:
         observation = UpdateObservation(
             model=model,
@@ -217,15 +217,6 @@ def load_target(
     truth = _truth(capture, parts, model_info, num_examples) if with_truth else None
     clipping = _number(_config_value(first, CLIPPING_KEY))
     return Target(item, observation, lr, steps, epochs, batch, num_examples, clipping, norm, truth)
-
-
-def capture_weight_key(exchange: Exchange) -> str:
-    return "num-examples"
-
-
-def truth_file(item: Item, node_id: int) -> str:
-    """Where the demo's client `node_id` saved its private batch of `item`'s round."""
-    return f"{PRIVATE_FOLDER}/round-{item.round:04d}/node-{node_id}.safetensors"
 
 
 def _truth(
