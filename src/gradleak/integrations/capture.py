@@ -191,12 +191,16 @@ class CaptureWriter:
         }
         _write_atomically(self.folder / CAPTURE_FILE, _dumps(header))
 
+    def store_sent(self, server_round: int, records: Records) -> dict[str, Any]:
+        """Store arrays sent in `server_round` (once per content); returns their entry."""
+        return self._store(server_round, "sent", records, name=None)
+
     def record_sent(
-        self, server_round: int, node_id: int, records: Records, configs: Mapping[str, Any]
+        self, server_round: int, node_id: int, stored: dict[str, Any], configs: Mapping[str, Any]
     ) -> None:
-        """What the server sends `node_id` in `server_round`: its arrays and config records."""
-        entry = self._store(server_round, "sent", records, name=None)
-        entry["config"] = jsonable(configs)
+        """What the server sends `node_id` in `server_round`: arrays stored by `store_sent`
+        (once per content: FedAvg sends one to every node) and the config records."""
+        entry = dict(stored) | {"config": jsonable(configs)}
         self._sent[(int(server_round), int(node_id))] = entry
 
     def record_reply(

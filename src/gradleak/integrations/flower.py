@@ -162,12 +162,17 @@ class LeakageAudit(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        stored: dict[int, dict[str, Any]] = {}  # FedAvg sends one RecordDict to every node
         for message in messages:
             content = message.content
+            key = id(content)  # alive as long as `messages`: ids cannot be reused here
+            if key not in stored:
+                arrays_sent = _message_arrays(content.array_records)
+                stored[key] = self.writer.store_sent(server_round, arrays_sent)
             self.writer.record_sent(
                 server_round,
                 message.metadata.dst_node_id,
-                _message_arrays(content.array_records),
+                stored[key],
                 {name: dict(record) for name, record in content.config_records.items()},
             )
         return messages
@@ -256,10 +261,14 @@ class LegacyLeakageAudit(LegacyStrategy):
 
     def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
         instructions = self.strategy.configure_fit(server_round, parameters, client_manager)
+        stored: dict[int, dict[str, Any]] = {}
         for proxy, fitins in instructions:
-            arrays = _numbered(parameters_to_ndarrays(fitins.parameters))
+            key = id(fitins.parameters)
+            if key not in stored:
+                arrays = {"parameters": _numbered(parameters_to_ndarrays(fitins.parameters))}
+                stored[key] = self.writer.store_sent(server_round, arrays)
             self.writer.record_sent(
-                server_round, _node(proxy), {"parameters": arrays}, {"config": dict(fitins.config)}
+                server_round, _node(proxy), stored[key], {"config": dict(fitins.config)}
             )
         return instructions
 

@@ -114,7 +114,17 @@ def _client_round(
     run: DemoRun, context: Context, state: dict[str, torch.Tensor], config: Any
 ) -> tuple[nn.Module, int, float]:
     """What every demo client does with the weights and config it got."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # Ray gives each client one CPU
+    try:
+        return _train_round(run, context, state, config)
+    finally:
+        torch.set_num_threads(threads)  # as it was: an in-process grid shares this process
+
+
+def _train_round(
+    run: DemoRun, context: Context, state: dict[str, torch.Tensor], config: Any
+) -> tuple[nn.Module, int, float]:
     data = cached_dataset(run.dataset, run.data_dir)
     model = demo_model(run, data)
     model.load_state_dict(state, strict=True)
