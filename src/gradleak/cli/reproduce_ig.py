@@ -31,6 +31,7 @@ _IG_ONLY = {
     "local_steps": "--local-steps",
     "local_lr": "--local-lr",
     "tv_scale": "--tv-scale",
+    "batchnorm": "--batchnorm",
     "width": "--width",
     "train_epochs": "--train-epochs",
     "train_limit": "--train-limit",
@@ -75,6 +76,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--tv-scale", type=float, default=None, help="the attack's total-variation weight (0.2)"
+    )
+    group.add_argument(
+        "--batchnorm",
+        default=None,
+        help="the clients' BatchNorm mode: train (default, as model.train()) or eval (the "
+        "server's running statistics: breaching's public buffers, the peers' setting)",
     )
     group.add_argument("--width", type=positive_int, default=None, help="model base width (8)")
     group.add_argument(
@@ -151,6 +158,7 @@ def cmd_reproduce_ig(args: argparse.Namespace, console: Console) -> None:
         "width": args.width,
         "local_lr": args.local_lr,
         "tv_scale": args.tv_scale,
+        "batchnorm": args.batchnorm,
         "train_epochs": args.train_epochs,
         "train_limit": args.train_limit,
     }

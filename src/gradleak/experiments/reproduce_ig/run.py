@@ -22,8 +22,10 @@ in each.
   mini-batches its secret): for B >= 2 and K = 4 that is two epochs of two
   mini-batches, the setting of breaching's FedAvg example (4 images, 4 steps
   of 2 images); for B = 1, K steps on the one image.
-* The client's model is in train mode (BatchNorm normalises with its batch's
-  statistics), as in `gradleak attack`.
+* The client's BatchNorm mode, `--batchnorm`: "train" (default; BatchNorm
+  normalises with the client's batch statistics, as a client that calls
+  ``model.train()``) or "eval" (the running statistics the server sent:
+  breaching's "public buffers", the setting of the peers' figures).
 * The attack: `InvertingGradients` (cosine distance + total variation, signed
   Adam at 0.1 with step decay, boxed pixels, one trial), `--iterations` steps
   (default 2,000: the paper's 24,000 take hours per cell on a CPU), TV scale
@@ -133,6 +135,7 @@ PINNED = (
     "iterations",
     "tv_scale",
     "local_lr",
+    "batchnorm",
     "train_epochs",
     "train_limit",
 )
@@ -181,6 +184,7 @@ class IGRun:
         width: The model's base width.
         local_lr: The FedAvg client's SGD learning rate (K > 1).
         tv_scale: Weight of the attack's total-variation prior.
+        batchnorm: The clients' mode, "train" or "eval" (see the module docstring).
         train_epochs: Epochs of the trained model.
         train_limit: Train on only this many images of the split's permutation
             (None: all; for quick runs and tests).
@@ -204,6 +208,7 @@ class IGRun:
     width: int = 8
     local_lr: float = 1e-3
     tv_scale: float = 0.2
+    batchnorm: str = "train"
     train_epochs: int = 4
     train_limit: int | None = None
     data_dir: str | None = None
@@ -246,6 +251,8 @@ class IGRun:
             raise ConfigError(f"--local-lr must be a number above 0, got {self.local_lr:g}")
         if not (math.isfinite(self.tv_scale) and self.tv_scale >= 0):
             raise ConfigError(f"--tv-scale must be a number 0 or more, got {self.tv_scale:g}")
+        if self.batchnorm not in ("train", "eval"):
+            raise ConfigError(f"unknown --batchnorm '{self.batchnorm}': choose train or eval")
         if self.train_limit is not None and self.train_limit < 10:
             raise ConfigError(
                 f"--train-limit must be 10 or more (80% to train on, 20% to test), "
@@ -344,7 +351,7 @@ def make_victim(
     model = model.to(device).train()
     x, y = images.to(device), torch.tensor(labels, device=device)
     if cell.local_steps == 1:
-        observation: Observation | UpdateObservation = observe(model, x, y)
+        observation: Observation | UpdateObservation = observe(model, x, y, batchnorm=run.batchnorm)
     else:
         observation = observe_update(
             model,
@@ -354,6 +361,7 @@ def make_victim(
             local_steps=cell.local_steps,
             local_batch=local_batch(cell.batch_size),
             seed=client_seed,
+            batchnorm=run.batchnorm,
         )
     return Victim(cell, experiment, indices, images, labels, observation, attack_seed)
 
@@ -656,6 +664,7 @@ def _pin(out: Path, run: IGRun, sizes: Mapping[str, int]) -> None:
         "iterations": run.iterations,
         "tv_scale": run.tv_scale,
         "local_lr": run.local_lr,
+        "batchnorm": run.batchnorm,
         "train_epochs": run.train_epochs,
         "train_limit": run.train_limit,
         "dataset_sizes": dict(sizes),
@@ -686,6 +695,7 @@ def _context(run: IGRun, device: torch.device, wall: float, executor: str) -> di
         "paper_iterations": PAPER_ITERATIONS,
         "tv_scale": run.tv_scale,
         "local_lr": run.local_lr,
+        "batchnorm": run.batchnorm,
         "train_epochs": run.train_epochs,
         "train_limit": run.train_limit,
         "device": str(device),
