@@ -62,7 +62,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     """Add ig's options to the `reproduce` parser and mark the shared defaults."""
     group = parser.add_argument_group(
         "ig only (Inverting Gradients; for ig --batch-sizes defaults to 1,4,8, --model to "
-        "convnet (or resnet18), --iterations to 2000 Adam steps, --experiments to 8, --chunk to 2)"
+        "convnet (or resnet18), --iterations to 2000 Adam steps, --experiments to 8, --chunk to 4)"
     )
     group.add_argument("--datasets", default=None, help="mnist,cifar100 (both)")
     group.add_argument(

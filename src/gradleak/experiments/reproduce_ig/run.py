@@ -52,9 +52,11 @@ PSNR/SSIM are computed per matched pair.
 
 Groups: one per (cell, chunk of `--chunk` experiments), planned from the
 settings alone, run on the sweep runner (this process, `--workers`, `--ray`).
-There is no batched Inverting Gradients engine yet (`attacks/engine.py` runs
-DLG and iDLG only), so a group's task rebuilds its victims and attacks them
-one after another; a row's seconds are its own attack's.  The trained
+A group's task rebuilds its victims and attacks them as one stacked
+computation (`attacks/inverting_engine.py`: every victim follows the
+sequential attack's steps; the trained cells share one model, which the
+engine passes once); a row's seconds are the group's time shared equally.
+The trained
 weights travel to the workers inside the run's context (bytes), so Ray nodes
 need only the data folder.
 """
@@ -76,6 +78,7 @@ import torch
 import gradleak
 from gradleak import metrics
 from gradleak.attacks.inverting import IGConfig, InvertingGradients
+from gradleak.attacks.inverting_engine import attack_victims
 from gradleak.data import ImageDataset
 from gradleak.errors import AttackNotApplicable, ConfigError
 from gradleak.experiments.common import (
@@ -214,7 +217,7 @@ class IGRun:
     data_dir: str | None = None
     seed: int = 0
     out: str = "runs/reproduce-ig"
-    chunk: int = 2
+    chunk: int = 4
     device: str = "auto"
     command: str = ""
     workers: int | None = None
@@ -632,24 +635,42 @@ def _state(work: Work, dataset: str) -> dict[str, torch.Tensor]:
 
 
 def attack_group(work: Work, spec: tuple[Cell, tuple[int, ...]], emit: Emit) -> None:
-    """The sweep task: one cell's chunk of experiments, attacked one after another."""
+    """The sweep task: one cell's chunk of experiments, attacked together.
+
+    The victims of a chunk share the cell's setting, so they run as one
+    stacked computation (`attack_victims`); a row's seconds are the chunk's
+    time shared equally.  A victim no attack applies to (an all-zero
+    update) would stop the stacked run, so then each is attacked alone.
+    """
     cell, experiments = spec
     run = work.run
     device = resolve_device(run.device)
     data = cached_dataset(cell.dataset, run.data_dir)
     state = _state(work, cell.dataset) if cell.weights == "trained" else None
     attack = build_attack(run)
-    for experiment in experiments:
-        victim = make_victim(data, run, cell, experiment, device, state)
-        start = time.perf_counter()
-        try:
-            result: Reconstruction | None = attack(victim.observation, seed=victim.attack_seed)
-            error = None
-        except AttackNotApplicable as failure:
-            result, error = None, str(failure)
-        row = result_row(victim, result, time.perf_counter() - start, run, error)
+    victims = [make_victim(data, run, cell, e, device, state) for e in experiments]
+    start = time.perf_counter()
+    try:
+        outcomes: list[tuple[Reconstruction | None, str | None, float]] = []
+        results = attack_victims(
+            attack, [v.observation for v in victims], seeds=[v.attack_seed for v in victims]
+        )
+        share = (time.perf_counter() - start) / len(victims)
+        outcomes = [(result, None, share) for result in results]
+    except AttackNotApplicable:
+        outcomes = []
+        for victim in victims:
+            alone = time.perf_counter()
+            try:
+                result: Reconstruction | None = attack(victim.observation, seed=victim.attack_seed)
+                error = None
+            except AttackNotApplicable as failure:
+                result, error = None, str(failure)
+            outcomes.append((result, error, time.perf_counter() - alone))
+    for victim, (result, error, seconds) in zip(victims, outcomes, strict=True):
+        row = result_row(victim, result, seconds, run, error)
         files = None
-        if experiment == report.STRIP_EXPERIMENT and result is not None:
+        if victim.experiment == report.STRIP_EXPERIMENT and result is not None:
             files = {report.strip_name(cell): report.strip_frames(victim.images, result, row)}
         emit(row, files)
 
