@@ -80,8 +80,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--batchnorm",
         default=None,
-        help="the clients' BatchNorm mode: train (default, as model.train()) or eval (the "
-        "server's running statistics: breaching's public buffers, the peers' setting)",
+        help="the clients' BatchNorm mode: eval (default: the server's running statistics, "
+        "breaching's public buffers, the paper's and the peers' setting) or train (the "
+        "batch's own statistics, as model.train())",
     )
     group.add_argument("--width", type=positive_int, default=None, help="model base width (8)")
     group.add_argument(

@@ -195,7 +195,7 @@ def differences(peer: Peer, weights: str, batch_size: int, local_steps: int,
         said.append(f"{peer.iterations:,} iterations")
     if peer.tv_scale is not None and peer.tv_scale != context.get("tv_scale"):
         said.append(f"TV {peer.tv_scale:g}")
-    if peer.batchnorm != context.get("batchnorm", "train"):
+    if peer.batchnorm != context.get("batchnorm", "eval"):
         said.append(f"BatchNorm in {peer.batchnorm} mode")
     return said
 
@@ -357,7 +357,7 @@ def _batchnorm_text(mode: str) -> str:
     if mode == "eval":
         return (
             "eval mode on the client: the server's running statistics, breaching's public "
-            "buffers, as in the peers' figures"
+            "buffers, as in the paper's code and the peers' figures"
         )
     return (
         "train mode on the client: the batch's own statistics, as model.train(); the peers' "
@@ -374,7 +374,7 @@ def write_report(out: Path, summary: Mapping[str, Any]) -> None:
         "",
         f"- command: `{summary['command']}`",
         f"- model: {summary['model']} width {summary['width']} (ReLU + BatchNorm, "
-        + _batchnorm_text(summary.get("batchnorm", "train"))
+        + _batchnorm_text(summary.get("batchnorm", "eval"))
         + "); untrained: a fresh seeded model per experiment; trained: one model per "
         "dataset, trained by this run (below)",
         f"- attack: Inverting Gradients, cosine distance + total variation (scale "

@@ -22,10 +22,11 @@ in each.
   mini-batches its secret): for B >= 2 and K = 4 that is two epochs of two
   mini-batches, the setting of breaching's FedAvg example (4 images, 4 steps
   of 2 images); for B = 1, K steps on the one image.
-* The client's BatchNorm mode, `--batchnorm`: "train" (default; BatchNorm
-  normalises with the client's batch statistics, as a client that calls
-  ``model.train()``) or "eval" (the running statistics the server sent:
-  breaching's "public buffers", the setting of the peers' figures).
+* The client's BatchNorm mode, `--batchnorm`: "eval" (default: the running
+  statistics the server sent, breaching's "public buffers"; the paper's code
+  computes the gradient in eval mode, and so do the peers' figures) or
+  "train" (BatchNorm normalises with the client's batch statistics, as a
+  client that calls ``model.train()``; `gradleak attack`'s default).
 * The attack: `InvertingGradients` (cosine distance + total variation, signed
   Adam at 0.1 with step decay, boxed pixels, one trial), `--iterations` steps
   (default 2,000: the paper's 24,000 take hours per cell on a CPU), TV scale
@@ -211,7 +212,7 @@ class IGRun:
     width: int = 8
     local_lr: float = 1e-3
     tv_scale: float = 0.2
-    batchnorm: str = "train"
+    batchnorm: str = "eval"
     train_epochs: int = 4
     train_limit: int | None = None
     data_dir: str | None = None
