@@ -167,8 +167,11 @@ def test_peers_nearest_and_what_differs() -> None:
     assert nearest_peer("untrained", 8, 1) == (PEERS[2], False)  # IG, batch of 100
     said = differences(PEERS[0], "trained", 4, 4, {"iterations": 2000, "tv_scale": 0.2}, "mnist")
     assert said == ["model ResNet-18", "CIFAR-10", "labels given", "24,000 iterations", "TV 0.001"]
-    said = differences(PEERS[2], "trained", 8, 1, {"iterations": 24_000, "tv_scale": 5e-4},
-                       "cifar100")  # fmt: skip
+    context = {"iterations": 24_000, "tv_scale": 1e-3, "batchnorm": "train"}
+    said = differences(PEERS[0], "trained", 4, 4, context, "cifar100")
+    assert said == ["model ResNet-18", "CIFAR-10", "labels given", "BatchNorm in eval mode"]
+    context = {"iterations": 24_000, "tv_scale": 5e-4, "batchnorm": "eval"}
+    said = differences(PEERS[2], "trained", 8, 1, context, "cifar100")
     assert said == ["model ResNet32-10", "untrained", "100 images"]
 
 

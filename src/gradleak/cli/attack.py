@@ -78,7 +78,11 @@ def add(commands: argparse._SubParsersAction) -> None:
         help="images per local step (default: the whole batch)",
     )
     client.add_argument(
-        "--local-lr", type=float, default=0.1, help="the client's SGD learning rate (0.1)"
+        "--local-lr",
+        type=float,
+        default=1e-3,
+        help="the client's SGD learning rate (0.001, breaching's FedAvg client; the label "
+        "rule for updates is exact at small rates, see README)",
     )
     client.add_argument(
         "--batchnorm",

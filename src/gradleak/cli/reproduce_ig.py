@@ -31,6 +31,7 @@ _IG_ONLY = {
     "local_steps": "--local-steps",
     "local_lr": "--local-lr",
     "tv_scale": "--tv-scale",
+    "batchnorm": "--batchnorm",
     "width": "--width",
     "train_epochs": "--train-epochs",
     "train_limit": "--train-limit",
@@ -61,7 +62,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     """Add ig's options to the `reproduce` parser and mark the shared defaults."""
     group = parser.add_argument_group(
         "ig only (Inverting Gradients; for ig --batch-sizes defaults to 1,4,8, --model to "
-        "convnet (or resnet18), --iterations to 2000 Adam steps, --experiments to 8, --chunk to 2)"
+        "convnet (or resnet18), --iterations to 2000 Adam steps, --experiments to 8, --chunk to 4)"
     )
     group.add_argument("--datasets", default=None, help="mnist,cifar100 (both)")
     group.add_argument(
@@ -75,6 +76,13 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--tv-scale", type=float, default=None, help="the attack's total-variation weight (0.2)"
+    )
+    group.add_argument(
+        "--batchnorm",
+        default=None,
+        help="the clients' BatchNorm mode: eval (default: the server's running statistics, "
+        "breaching's public buffers, the paper's and the peers' setting) or train (the "
+        "batch's own statistics, as model.train())",
     )
     group.add_argument("--width", type=positive_int, default=None, help="model base width (8)")
     group.add_argument(
@@ -151,6 +159,7 @@ def cmd_reproduce_ig(args: argparse.Namespace, console: Console) -> None:
         "width": args.width,
         "local_lr": args.local_lr,
         "tv_scale": args.tv_scale,
+        "batchnorm": args.batchnorm,
         "train_epochs": args.train_epochs,
         "train_limit": args.train_limit,
     }

@@ -70,7 +70,7 @@ class AttackRun:
     width: int | None = None
     local_steps: int = 1
     local_batch: int | None = None
-    local_lr: float = 0.1
+    local_lr: float = 1e-3
     labels: str = "infer"
     batchnorm: str = "train"
 
@@ -157,7 +157,7 @@ def run_attack(
 
     method, reason = run.method, ""
     if attack is None:
-        choice = choose_attack(observation, iterations=run.iterations)
+        choice = choose_attack(observation, iterations=run.iterations, ig=_ig_config(run))
         attack, method, reason = choice.attack, choice.method, choice.reason
         observation = choice.observation
         log.info("--method auto picked %s", reason)
@@ -248,12 +248,17 @@ def _build_attack(run: AttackRun) -> GradientInversion | InvertingGradients | No
     if run.method == "ig":
         if run.improved:
             raise ConfigError("--improved is for dlg and idlg; ig has its own optimiser")
-        config = IGConfig() if run.iterations is None else IGConfig(iterations=run.iterations)
-        return InvertingGradients(config)
+        return InvertingGradients(_ig_config(run))
     config = AttackConfig(improved=run.improved)
     if run.iterations is not None:
         config = replace(config, iterations=run.iterations)
     return build_attack(run.method, config)
+
+
+def _ig_config(run: AttackRun) -> IGConfig:
+    """IG's config: its own steps (the paper's 24,000) unless given, about 8 frames on the strip."""
+    iterations = IGConfig().iterations if run.iterations is None else run.iterations
+    return IGConfig(iterations=iterations, snapshot_every=max(1, iterations // 8))
 
 
 def victim_indices(run: AttackRun, size: int, name: str) -> list[int]:

@@ -50,6 +50,9 @@ class Peer:
         ssim: Published SSIM (None: not given).
         source: Where the figure is.
         note: Anything else the figure comes with.
+        batchnorm: The clients' BatchNorm mode: breaching's honest-but-curious
+            server sends its running statistics ("public buffers") and the
+            user then computes in eval mode.
     """
 
     name: str
@@ -66,6 +69,7 @@ class Peer:
     ssim: float | None
     source: str
     note: str = ""
+    batchnorm: str = "eval"
 
 
 _NOTEBOOKS = "breaching (JonasGeiping/breaching) examples/"
@@ -191,6 +195,8 @@ def differences(peer: Peer, weights: str, batch_size: int, local_steps: int,
         said.append(f"{peer.iterations:,} iterations")
     if peer.tv_scale is not None and peer.tv_scale != context.get("tv_scale"):
         said.append(f"TV {peer.tv_scale:g}")
+    if peer.batchnorm != context.get("batchnorm", "eval"):
+        said.append(f"BatchNorm in {peer.batchnorm} mode")
     return said
 
 
@@ -347,6 +353,18 @@ def _strip_rows(out: Path, summary: Mapping[str, Any], dataset: str) -> list[tup
 # report.md
 
 
+def _batchnorm_text(mode: str) -> str:
+    if mode == "eval":
+        return (
+            "eval mode on the client: the server's running statistics, breaching's public "
+            "buffers, as in the paper's code and the peers' figures"
+        )
+    return (
+        "train mode on the client: the batch's own statistics, as model.train(); the peers' "
+        "figures are in eval mode"
+    )
+
+
 def write_report(out: Path, summary: Mapping[str, Any]) -> None:
     """Write the strips (where frames exist) and report.md."""
     sizes = _dataset_sizes(out)
@@ -355,8 +373,9 @@ def write_report(out: Path, summary: Mapping[str, Any]) -> None:
         "# Inverting Gradients, in the manner of Geiping et al. (NeurIPS 2020)",
         "",
         f"- command: `{summary['command']}`",
-        f"- model: {summary['model']} width {summary['width']} (ReLU + BatchNorm, train mode on "
-        "the client); untrained: a fresh seeded model per experiment; trained: one model per "
+        f"- model: {summary['model']} width {summary['width']} (ReLU + BatchNorm, "
+        + _batchnorm_text(summary.get("batchnorm", "eval"))
+        + "); untrained: a fresh seeded model per experiment; trained: one model per "
         "dataset, trained by this run (below)",
         f"- attack: Inverting Gradients, cosine distance + total variation (scale "
         f"{summary['tv_scale']:g}), signed Adam 0.1 with step decay, boxed pixels, one trial, "

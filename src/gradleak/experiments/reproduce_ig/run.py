@@ -22,8 +22,11 @@ in each.
   mini-batches its secret): for B >= 2 and K = 4 that is two epochs of two
   mini-batches, the setting of breaching's FedAvg example (4 images, 4 steps
   of 2 images); for B = 1, K steps on the one image.
-* The client's model is in train mode (BatchNorm normalises with its batch's
-  statistics), as in `gradleak attack`.
+* The client's BatchNorm mode, `--batchnorm`: "eval" (default: the running
+  statistics the server sent, breaching's "public buffers"; the paper's code
+  computes the gradient in eval mode, and so do the peers' figures) or
+  "train" (BatchNorm normalises with the client's batch statistics, as a
+  client that calls ``model.train()``; `gradleak attack`'s default).
 * The attack: `InvertingGradients` (cosine distance + total variation, signed
   Adam at 0.1 with step decay, boxed pixels, one trial), `--iterations` steps
   (default 2,000: the paper's 24,000 take hours per cell on a CPU), TV scale
@@ -50,9 +53,11 @@ PSNR/SSIM are computed per matched pair.
 
 Groups: one per (cell, chunk of `--chunk` experiments), planned from the
 settings alone, run on the sweep runner (this process, `--workers`, `--ray`).
-There is no batched Inverting Gradients engine yet (`attacks/engine.py` runs
-DLG and iDLG only), so a group's task rebuilds its victims and attacks them
-one after another; a row's seconds are its own attack's.  The trained
+A group's task rebuilds its victims and attacks them as one stacked
+computation (`attacks/inverting_engine.py`: every victim follows the
+sequential attack's steps; the trained cells share one model, which the
+engine passes once); a row's seconds are the group's time shared equally.
+The trained
 weights travel to the workers inside the run's context (bytes), so Ray nodes
 need only the data folder.
 """
@@ -74,6 +79,7 @@ import torch
 import gradleak
 from gradleak import metrics
 from gradleak.attacks.inverting import IGConfig, InvertingGradients
+from gradleak.attacks.inverting_engine import attack_victims
 from gradleak.data import ImageDataset
 from gradleak.errors import AttackNotApplicable, ConfigError
 from gradleak.experiments.common import (
@@ -133,6 +139,7 @@ PINNED = (
     "iterations",
     "tv_scale",
     "local_lr",
+    "batchnorm",
     "train_epochs",
     "train_limit",
 )
@@ -181,6 +188,7 @@ class IGRun:
         width: The model's base width.
         local_lr: The FedAvg client's SGD learning rate (K > 1).
         tv_scale: Weight of the attack's total-variation prior.
+        batchnorm: The clients' mode, "train" or "eval" (see the module docstring).
         train_epochs: Epochs of the trained model.
         train_limit: Train on only this many images of the split's permutation
             (None: all; for quick runs and tests).
@@ -204,12 +212,13 @@ class IGRun:
     width: int = 8
     local_lr: float = 1e-3
     tv_scale: float = 0.2
+    batchnorm: str = "eval"
     train_epochs: int = 4
     train_limit: int | None = None
     data_dir: str | None = None
     seed: int = 0
     out: str = "runs/reproduce-ig"
-    chunk: int = 2
+    chunk: int = 4
     device: str = "auto"
     command: str = ""
     workers: int | None = None
@@ -246,6 +255,8 @@ class IGRun:
             raise ConfigError(f"--local-lr must be a number above 0, got {self.local_lr:g}")
         if not (math.isfinite(self.tv_scale) and self.tv_scale >= 0):
             raise ConfigError(f"--tv-scale must be a number 0 or more, got {self.tv_scale:g}")
+        if self.batchnorm not in ("train", "eval"):
+            raise ConfigError(f"unknown --batchnorm '{self.batchnorm}': choose train or eval")
         if self.train_limit is not None and self.train_limit < 10:
             raise ConfigError(
                 f"--train-limit must be 10 or more (80% to train on, 20% to test), "
@@ -344,7 +355,7 @@ def make_victim(
     model = model.to(device).train()
     x, y = images.to(device), torch.tensor(labels, device=device)
     if cell.local_steps == 1:
-        observation: Observation | UpdateObservation = observe(model, x, y)
+        observation: Observation | UpdateObservation = observe(model, x, y, batchnorm=run.batchnorm)
     else:
         observation = observe_update(
             model,
@@ -354,6 +365,7 @@ def make_victim(
             local_steps=cell.local_steps,
             local_batch=local_batch(cell.batch_size),
             seed=client_seed,
+            batchnorm=run.batchnorm,
         )
     return Victim(cell, experiment, indices, images, labels, observation, attack_seed)
 
@@ -624,24 +636,42 @@ def _state(work: Work, dataset: str) -> dict[str, torch.Tensor]:
 
 
 def attack_group(work: Work, spec: tuple[Cell, tuple[int, ...]], emit: Emit) -> None:
-    """The sweep task: one cell's chunk of experiments, attacked one after another."""
+    """The sweep task: one cell's chunk of experiments, attacked together.
+
+    The victims of a chunk share the cell's setting, so they run as one
+    stacked computation (`attack_victims`); a row's seconds are the chunk's
+    time shared equally.  A victim no attack applies to (an all-zero
+    update) would stop the stacked run, so then each is attacked alone.
+    """
     cell, experiments = spec
     run = work.run
     device = resolve_device(run.device)
     data = cached_dataset(cell.dataset, run.data_dir)
     state = _state(work, cell.dataset) if cell.weights == "trained" else None
     attack = build_attack(run)
-    for experiment in experiments:
-        victim = make_victim(data, run, cell, experiment, device, state)
-        start = time.perf_counter()
-        try:
-            result: Reconstruction | None = attack(victim.observation, seed=victim.attack_seed)
-            error = None
-        except AttackNotApplicable as failure:
-            result, error = None, str(failure)
-        row = result_row(victim, result, time.perf_counter() - start, run, error)
+    victims = [make_victim(data, run, cell, e, device, state) for e in experiments]
+    start = time.perf_counter()
+    try:
+        outcomes: list[tuple[Reconstruction | None, str | None, float]] = []
+        results = attack_victims(
+            attack, [v.observation for v in victims], seeds=[v.attack_seed for v in victims]
+        )
+        share = (time.perf_counter() - start) / len(victims)
+        outcomes = [(result, None, share) for result in results]
+    except AttackNotApplicable:
+        outcomes = []
+        for victim in victims:
+            alone = time.perf_counter()
+            try:
+                result: Reconstruction | None = attack(victim.observation, seed=victim.attack_seed)
+                error = None
+            except AttackNotApplicable as failure:
+                result, error = None, str(failure)
+            outcomes.append((result, error, time.perf_counter() - alone))
+    for victim, (result, error, seconds) in zip(victims, outcomes, strict=True):
+        row = result_row(victim, result, seconds, run, error)
         files = None
-        if experiment == report.STRIP_EXPERIMENT and result is not None:
+        if victim.experiment == report.STRIP_EXPERIMENT and result is not None:
             files = {report.strip_name(cell): report.strip_frames(victim.images, result, row)}
         emit(row, files)
 
@@ -656,6 +686,7 @@ def _pin(out: Path, run: IGRun, sizes: Mapping[str, int]) -> None:
         "iterations": run.iterations,
         "tv_scale": run.tv_scale,
         "local_lr": run.local_lr,
+        "batchnorm": run.batchnorm,
         "train_epochs": run.train_epochs,
         "train_limit": run.train_limit,
         "dataset_sizes": dict(sizes),
@@ -686,6 +717,7 @@ def _context(run: IGRun, device: torch.device, wall: float, executor: str) -> di
         "paper_iterations": PAPER_ITERATIONS,
         "tv_scale": run.tv_scale,
         "local_lr": run.local_lr,
+        "batchnorm": run.batchnorm,
         "train_epochs": run.train_epochs,
         "train_limit": run.train_limit,
         "device": str(device),
