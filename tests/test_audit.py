@@ -27,7 +27,7 @@ from gradleak.experiments.audit.report import KEYS  # noqa: E402
 from gradleak.experiments.flower_demo.apps import make_client_app, serve  # noqa: E402
 from gradleak.experiments.flower_demo.local import InProcessGrid  # noqa: E402
 from gradleak.experiments.flower_demo.settings import DemoRun  # noqa: E402
-from gradleak.integrations.capture import Exchange, Stored  # noqa: E402
+from gradleak.integrations.reader import Exchange, Stored  # noqa: E402
 from gradleak.models import build_model  # noqa: E402
 from gradleak.threat import observe, observe_update  # noqa: E402
 

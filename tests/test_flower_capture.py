@@ -33,8 +33,8 @@ from gradleak.errors import ConfigError  # noqa: E402
 from gradleak.experiments.flower_demo.apps import demo_model, make_client_app, model_info  # noqa: E402
 from gradleak.experiments.flower_demo.local import InProcessGrid  # noqa: E402
 from gradleak.experiments.flower_demo.settings import DemoRun  # noqa: E402
-from gradleak.integrations.capture import read_capture, read_exchanges  # noqa: E402
 from gradleak.integrations.flower import LeakageAudit  # noqa: E402
+from gradleak.integrations.reader import read_capture, read_exchanges  # noqa: E402
 from gradleak.threat import client_gradients  # noqa: E402
 
 CLIENTS = 2

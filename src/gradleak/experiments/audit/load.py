@@ -1,6 +1,6 @@
 """From a capture to what the attacker has: one `Target` per client and round.
 
-A node's round in the capture (`integrations.capture.Exchange`) holds the
+A node's round in the capture (`integrations.reader.Exchange`) holds the
 weights sent, the weights returned, the config sent and the example count.
 The server knows the model, so it rebuilds it, loads the weights it sent and
 reads the reply as
@@ -32,15 +32,8 @@ import torch
 from torch import nn
 
 from gradleak.errors import DataError
-from gradleak.integrations.capture import (
-    PRIVATE_FOLDER,
-    Capture,
-    Exchange,
-    ModelInfo,
-    Records,
-    inside,
-    load_arrays,
-)
+from gradleak.integrations.capture import PRIVATE_FOLDER, ModelInfo, Records
+from gradleak.integrations.reader import Capture, Exchange, inside, load_arrays
 from gradleak.models import build_model
 from gradleak.types import Observation, UpdateObservation
 

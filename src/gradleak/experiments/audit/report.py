@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradleak.integrations.capture import Exchange
+from gradleak.integrations.reader import Exchange
 from gradleak.sweep.store import write_json
 
 LEAKAGE = "leakage.json"
@@ -61,7 +61,7 @@ def refused_entry(item: Any, parts: Sequence[Exchange], error: str) -> dict[str,
 
 
 def unreadable_entry(refused: Any) -> dict[str, Any]:
-    """The leakage.json entry of a sidecar that could not be read (`capture.Refused`)."""
+    """The leakage.json entry of a sidecar that could not be read (`reader.Refused`)."""
     entry = {key: None for key in KEYS}
     node = refused.node_id
     entry |= {

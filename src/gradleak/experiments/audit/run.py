@@ -1,6 +1,6 @@
 """`gradleak audit CAPTURES`: attack every client of every round of a captured Flower run.
 
-The driver reads the capture (`integrations.capture`), plans one target per
+The driver reads the capture (`integrations.reader`), plans one target per
 node and round (or per round, when the server got only an aggregate;
 `load.plan_items`), checks each target by loading it once (a tampered, cut
 off or missing file, a sidecar pointing outside the folder, arrays that do
@@ -43,7 +43,8 @@ from gradleak.experiments.audit import report
 from gradleak.experiments.audit.choose import IG_TV_SCALE, METHODS, choose_attack
 from gradleak.experiments.audit.load import Item, Target, load_target, plan_items
 from gradleak.experiments.common import finite_or_none, use_cpu_threads
-from gradleak.integrations.capture import Capture, Exchange, ModelInfo, read_capture, read_exchanges
+from gradleak.integrations.capture import ModelInfo
+from gradleak.integrations.reader import Capture, Exchange, read_capture, read_exchanges
 from gradleak.outdir import prepare_out
 from gradleak.sweep.executors import make_executor
 from gradleak.sweep.runner import Emit, Group, run_sweep
