@@ -44,7 +44,15 @@ def test_strong_pruning_and_noise_break_idlg_and_fp16_does_not(data_root: Path) 
     # The papers' plain L-BFGS blows up on some victims even undefended; judge the others.
     leaking = [i for i, value in enumerate(mse[("none", None)]) if value < 1e-3]
     assert len(leaking) >= 2
-    assert all(mse[("fp16", None)][i] < 1e-3 for i in leaking)  # fp16 leaks just as well
+    # fp16 leaks as well. Plain L-BFGS at lr 1 is chaotic, and fp16's rounding can tip a
+    # victim into blowing up (on this machine 2 of 6 MNIST victims at 30 and 100 steps, the
+    # last bits differ between CPUs), so the faithful attack is held to most victims...
+    assert 2 * sum(mse[("fp16", None)][i] < 1e-3 for i in leaking) > len(leaking)
+    # ...and the improved attack, which does not blow up, to every one.
+    fp16 = [v for (c, _), (v, _) in zip(keys, views, strict=True) if c == ("fp16", None)]
+    improved = attack_batch(IDLG(improved=True, iterations=30), fp16, [0] * len(fp16))
+    for experiment, result in zip(experiments, improved, strict=True):
+        assert float(((result.inputs.cpu() - experiment.images) ** 2).mean()) < 1e-3
     assert min(mse[("prune", 0.7)]) > 1e-2  # nothing recognisable is left
     assert min(mse[("gaussian", 0.1)]) > 1e-2
 
