@@ -19,13 +19,20 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def victims(count: int) -> tuple[list, list[torch.Tensor]]:
+def victims(count: int, dtype: torch.dtype = torch.float32) -> tuple[list, list[torch.Tensor]]:
+    """Seeded MNIST victims whose client computes in `dtype`.
+
+    The tests that hold the batched engine to the sequential one in float64
+    take float64 clients: a float32 client's last-layer gradient is rank one
+    only to float32's rounding, and the batched engine uses its factors
+    (lowrank.py), a target within float32's rounding of the plain one's.
+    """
     data = load_dataset("sample")
     observations, images = [], []
     for i in range(count):
         image, label = data[i]
         model = build_model("lenet", input_shape=data.shape, num_classes=10, seed=100 + i)
-        observations.append(observe(model, image, torch.tensor(label)))
+        observations.append(observe(model.to(dtype), image.to(dtype), torch.tensor(label)))
         images.append(image)
     return observations, images
 
@@ -78,7 +85,7 @@ def test_compact_direction_equals_the_two_loop_recursion(shared_pass: bool) -> N
 def test_one_step_matches_torch_lbfgs_exactly() -> None:
     # One optimiser step is 20 evaluations; in float64 rounding cannot compound
     # into a visible difference that soon.
-    observations, images = victims(4)
+    observations, images = victims(4, torch.float64)
     attack = IDLG(iterations=1, precision="float64")
     batched = attack_batch(attack, observations, [0, 1, 2, 3])
     for i, obs in enumerate(observations):
@@ -96,7 +103,7 @@ def test_faithful_batched_follows_the_sequential_engine(method: type) -> None:
     # in float32 DLG's trajectories part within 10 evaluations where a step
     # overshoots.  In float64 they agree for well over 100 evaluations, which
     # is what shows the algorithm is the same; 8 steps stay inside that.
-    observations, images = victims(6)
+    observations, images = victims(6, torch.float64)
     attack = method(iterations=8, precision="float64")
     batched = attack_batch(attack, observations, list(range(6)))
     for i, obs in enumerate(observations):

@@ -57,6 +57,9 @@ def attack_batch(
     snapshots: Sequence[bool] | None = None,
     on_result: Callable[[int, Reconstruction], None] | None = None,
     width: int = 32,
+    starts: Sequence[torch.Tensor | None] | None = None,
+    start_labels: Sequence[torch.Tensor | None] | None = None,
+    path: str | None = None,
 ) -> list[Reconstruction]:
     """Attack many observations at once (each one example, or all the same batch size).
 
@@ -70,6 +73,11 @@ def attack_batch(
         width: Faithful mode attacks at most this many victims at a time and
             starts the next ones as others finish, so that the batch stays
             full instead of ending with its slowest victim alone.
+        starts: Per victim, its given start (or None), as ``start`` of
+            `GradientInversion.__call__`.
+        start_labels: Per victim, DLG's given label-logit start (or None).
+        path: The objective's path ("explicit", "stacked", "vmapped"; None:
+            the fastest that applies).  Tests and benchmarks compare them.
 
     Returns:
         One reconstruction per victim, in input order.
@@ -83,8 +91,13 @@ def attack_batch(
         return []
     for i, observation in enumerate(observations):
         require_nonzero_gradient(observation, victim=i if len(observations) > 1 else None)
+    given = []
+    for i, observation in enumerate(observations):
+        x0 = starts[i] if starts is not None else None
+        l0 = start_labels[i] if start_labels is not None else None
+        given.append(attack.check_start(observation, x0, l0))
     with attack_threads(observations[0].device):
-        return _attack_batch(attack, observations, seeds, snapshots, on_result, width)
+        return _attack_batch(attack, observations, seeds, snapshots, on_result, width, given, path)
 
 
 def _attack_batch(
@@ -94,12 +107,18 @@ def _attack_batch(
     snapshots: Sequence[bool] | None,
     on_result: Callable[[int, Reconstruction], None] | None,
     width: int,
+    given: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+    path: str | None,
 ) -> list[Reconstruction]:
     config = attack.config
     labels = None
     if not attack.learns_labels:
         labels = torch.stack([attack.infer_labels(o).reshape(-1) for o in observations])
-    objective = BatchedObjective(observations, labels, config.dtype)
+    objective = BatchedObjective(
+        observations, labels, config.dtype, as_published=not config.improved
+    )
+    if path is not None:
+        objective.use(path)
     victims = [
         _Victim(torch.Generator().manual_seed(int(s)), bool(snapshots and snapshots[i]))
         for i, s in enumerate(seeds)
@@ -119,6 +138,15 @@ def _attack_batch(
                 logits = torch.stack([analytic_label_logits(o).flatten() for o in observations])
                 rest = z0[:, objective.input_size :]
                 z0[:, objective.input_size :] = torch.where(usable[:, None], logits.to(rest), rest)
+    # Given starts replace the draws (made all the same, as the sequential engine does).
+    for i, (x0, l0) in enumerate(given):
+        if x0 is not None:
+            victims[i].warm = False
+            z0[i, : objective.input_size] = x0.flatten()
+            if objective.learns_labels and l0 is None:
+                z0[i, objective.input_size :] = _draw_again(objective, config, seeds[i])
+        if l0 is not None:
+            z0[i, objective.input_size :] = l0.flatten()
     if config.improved:
         _improved(attack, objective, victims, z0, labels, on_result)
     else:
@@ -135,6 +163,13 @@ def _draw(
     if objective.learns_labels:
         parts.append(torch.randn((batch, objective.num_classes), generator=generator).flatten())
     return torch.cat(parts)
+
+
+def _draw_again(objective: BatchedObjective, config: AttackConfig, seed: int) -> torch.Tensor:
+    """The label logits `_draw` gives for `seed` (where a closed-form start replaced them)."""
+    return _draw(objective, config, torch.Generator().manual_seed(int(seed)))[
+        objective.input_size :
+    ]
 
 
 def _finish(
@@ -190,7 +225,7 @@ def _faithful(
     width: int,
 ) -> None:
     config = attack.config
-    out_dtype = torch.float32
+    out_dtype = objective.output_dtype  # the client's, as the sequential engine returns
     rows = torch.arange(min(width, len(victims)), device=z0.device)  # victim index of each row
     waiting = torch.arange(len(rows), len(victims), device=z0.device)
     optimiser = FaithfulLBFGS(
@@ -202,19 +237,26 @@ def _faithful(
         loss, g = objective(optimiser.z)
         for r in rows.tolist():
             victims[r].evaluations += 1
+        # The published loop (see dlg._published_steps): after step k the loss
+        # at the point reached, checked at k = 0, 10, 20, ...; here that loss is
+        # the evaluation that starts the next step, at `steps` = k + 1.
         start = optimiser.at_step_start
-        finite = torch.isfinite(loss)
         at_end = steps == config.iterations
-        check = (steps % config.check_every == 0) & (loss < config.tolerance)
-        done = start & (~finite | at_end | check)
+        checked = (steps >= 1) & ((steps - 1) % config.check_every == 0)
+        converged = checked & (loss < config.tolerance)
+        dead = torch.isnan(optimiser.z).all(1)  # NaN for good: see _published_steps
+        done = start & (at_end | converged | dead)
         for i in start.nonzero().flatten().tolist():
             victim, k = victims[int(rows[i])], int(steps[i])
             if k % config.snapshot_every == 0:
                 _snapshot(victim, objective, k, optimiser.z[i])
             value = float(loss[i])
-            if math.isfinite(value):
+            if k >= 1:
                 victim.history.append(value)
             if bool(done[i]):
+                if bool(dead[i]) and not bool(converged[i]):
+                    victim.history.extend([math.nan] * (config.iterations - k))
+                    k = config.iterations
                 label = labels[rows[i]].reshape(-1) if labels is not None else None
                 _finish(victim, objective, optimiser.z[i], value, label, steps=k,
                         tolerance=config.tolerance, dtype=out_dtype)  # fmt: skip
@@ -296,7 +338,7 @@ def _improved(
             if bool(done[i]) or (bool(restart[i]) and out_of_restarts):
                 label = labels[rows[i]].reshape(-1) if labels is not None else None
                 _finish(victim, objective, optimiser.z[i], value, label, steps=step,
-                        tolerance=float(tolerance[i]), dtype=torch.float32)  # fmt: skip
+                        tolerance=float(tolerance[i]), dtype=objective.output_dtype)  # fmt: skip
                 done[i] = True
                 if on_result is not None:
                     on_result(int(rows[i]), victim.result)  # type: ignore[arg-type]

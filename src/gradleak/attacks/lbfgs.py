@@ -270,7 +270,10 @@ class FaithfulLBFGS:
         self.d = torch.where(go[:, None], direction, self.d)
         self.prev_g = torch.where(go[:, None], g, self.prev_g)
         self.prev_loss = torch.where(go, loss, self.prev_loss)
-        first_t = torch.clamp(1.0 / g.abs().sum(-1), max=1.0) * self.lr
+        # torch's ``min(1.0, 1 / |g|_1)``: Python's min keeps 1.0 unless the
+        # other is smaller, so a NaN gradient gives 1.0 (clamp would give NaN).
+        inverse = 1.0 / g.abs().sum(-1)
+        first_t = torch.where(inverse < 1.0, inverse, 1.0) * self.lr
         self.t = torch.where(first, first_t, torch.where(go, self.lr, self.t))
         gtd = (g * self.d).sum(-1)
         no_descent = go & (gtd > -TOLERANCE_CHANGE)
