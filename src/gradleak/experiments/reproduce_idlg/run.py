@@ -13,6 +13,7 @@ group: "sequential" (one victim after another, the reference) and
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -264,20 +265,24 @@ def _attack(
     )
 
 
-# Memory the batched engine may use for one chunk; a victim costs about 20
-# float64 copies of the model's parameters (its weights, the shared gradient,
-# the replayed gradient and what differentiating it again keeps).
+# Memory one chunk may use: its victims' observations and the batched engine's state.
 CHUNK_MEMORY = 6 * 2**30
 
 
 def _fitting_chunk(chunk: int, input_shape: tuple[int, ...], num_classes: int) -> int:
     """At most `chunk` victims, and no more than fit in CHUNK_MEMORY.
 
-    LeNet's last layer dominates for many classes: LFW's 5,749 people make
-    each victim about 0.7 GB, and a chunk of 32 ran out of 24 GB.
+    A victim holds its observation (the model and the shared gradient, float32)
+    and, in the engine, L-BFGS's 100 curvature pairs over its variables (the
+    input, and DLG's label logits) with a margin for the rest, in float64 at
+    most.  The engine copies no large last layer (attacks/lowrank.py): an LFW
+    victim is about 51 MB by this count (bench/memory.py measures the engine's
+    part), where it was 0.7 GB and capped the chunk at 9.
     """
     probe = build_model(MODEL, input_shape=input_shape, num_classes=num_classes, seed=0)
-    per_victim = 20 * 8 * sum(p.numel() for p in probe.parameters())
+    observation = 2 * 4 * sum(p.numel() for p in probe.parameters())
+    variables = math.prod(input_shape) + num_classes
+    per_victim = observation + 8 * (2 * 100 + 20) * variables
     return max(1, min(chunk, CHUNK_MEMORY // per_victim))
 
 
