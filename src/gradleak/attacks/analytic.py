@@ -155,6 +155,39 @@ def analytic_inputs(
     return None  # unreachable: the loop returns at depth 0
 
 
+class ClosedFormCache:
+    """Closed-form starts computed once for several attacks on the same victims.
+
+    DLG's closed form reads each victim's label from the last bias gradient,
+    iDLG's label rule reads the same label from the weight gradient; where
+    they agree the two starts are the same numbers, so `gradleak reproduce`
+    computes them once per group for both methods.
+    """
+
+    def __init__(self) -> None:
+        self._starts: dict[tuple, torch.Tensor | None] = {}
+
+    def inputs(
+        self,
+        observations: Sequence[Observation],
+        labels: torch.Tensor | None,
+        *,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """`analytic_inputs(observations, labels, dtype=dtype)`, computed at most once."""
+        chain = sigmoid_conv_chain(observations[0])
+        if chain is None or any(o.batch_size != 1 for o in observations):
+            return None
+        if labels is None:  # the label analytic_inputs would read
+            names = list(observations[0].parameter_names)
+            at = names.index(chain.fc_bias)
+            labels = torch.tensor([int(o.gradients[at].argmin()) for o in observations])
+        key = (tuple(id(o) for o in observations), tuple(labels.reshape(-1).tolist()), dtype)
+        if key not in self._starts:
+            self._starts[key] = analytic_inputs(observations, labels, dtype=dtype)
+        return self._starts[key]
+
+
 def analytic_label_logits(
     observation: Observation, *, sharpness: float = 30.0
 ) -> torch.Tensor | None:

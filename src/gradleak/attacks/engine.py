@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gradleak.attacks.analytic import analytic_inputs, analytic_label_logits
+from gradleak.attacks.analytic import ClosedFormCache, analytic_label_logits
 from gradleak.attacks.dlg import (
     WARM_PATIENCE,
     AttackConfig,
@@ -60,6 +60,7 @@ def attack_batch(
     starts: Sequence[torch.Tensor | None] | None = None,
     start_labels: Sequence[torch.Tensor | None] | None = None,
     path: str | None = None,
+    closed_form: ClosedFormCache | None = None,
 ) -> list[Reconstruction]:
     """Attack many observations at once (each one example, or all the same batch size).
 
@@ -78,6 +79,8 @@ def attack_batch(
         start_labels: Per victim, DLG's given label-logit start (or None).
         path: The objective's path ("explicit", "stacked", "vmapped"; None:
             the fastest that applies).  Tests and benchmarks compare them.
+        closed_form: A cache of closed-form starts shared with other attacks
+            on the same observations (computed once where they agree).
 
     Returns:
         One reconstruction per victim, in input order.
@@ -97,7 +100,10 @@ def attack_batch(
         l0 = start_labels[i] if start_labels is not None else None
         given.append(attack.check_start(observation, x0, l0))
     with attack_threads(observations[0].device):
-        return _attack_batch(attack, observations, seeds, snapshots, on_result, width, given, path)
+        return _attack_batch(
+            attack, observations, seeds, snapshots, on_result, width, given, path,
+            closed_form or ClosedFormCache(),
+        )  # fmt: skip
 
 
 def _attack_batch(
@@ -109,6 +115,7 @@ def _attack_batch(
     width: int,
     given: list[tuple[torch.Tensor | None, torch.Tensor | None]],
     path: str | None,
+    closed_form: ClosedFormCache,
 ) -> list[Reconstruction]:
     config = attack.config
     labels = None
@@ -127,7 +134,7 @@ def _attack_batch(
         objective.device, config.dtype
     )
     if config.analytic_start:
-        warm = analytic_inputs(observations, labels, dtype=config.dtype)
+        warm = closed_form.inputs(observations, labels, dtype=config.dtype)
         if warm is not None:
             usable = torch.isfinite(warm.flatten(1)).all(1)
             for victim, used in zip(victims, usable.tolist(), strict=True):

@@ -1,10 +1,10 @@
 """`gradleak reproduce idlg`: iDLG's Table 1 and Figure 1, resumable.
 
 Experiments (protocol.py) run on the sweep runner in fixed groups of
-`--chunk` victims per method: every attack is appended to results.jsonl as
-soon as it ends, and a rerun of the same command skips what is there, so an
-interrupted run of 1000 experiments picks up where it stopped, losing only
-the attacks in flight.  Groups run in this process, on worker processes
+`--chunk` victims, each attacked by both methods: every attack is appended
+to results.jsonl as soon as it ends, and a rerun of the same command skips
+what is there, so an interrupted run of 1000 experiments picks up where it
+stopped, losing only the attacks in flight.  Groups run in this process, on worker processes
 (`--workers`) or on Ray (`--ray`), with the same rows.  Two engines attack a
 group: "sequential" (one victim after another, the reference) and
 "batched" (many victims at once).
@@ -24,6 +24,7 @@ import torch
 
 import gradleak
 from gradleak.attacks import AttackConfig, GradientInversion, build_attack
+from gradleak.attacks.analytic import ClosedFormCache
 from gradleak.errors import ConfigError
 from gradleak.experiments.common import absolute_data_dir, cached_dataset, resolve_device
 from gradleak.experiments.reproduce_idlg import report
@@ -149,17 +150,18 @@ class Work:
 def plan(
     run: ReproduceRun, dataset: str, input_shape: tuple[int, ...], classes: int
 ) -> list[Group]:
-    """The dataset's groups: per method, consecutive experiments, `--chunk` at a time.
+    """The dataset's groups: consecutive experiments, `--chunk` at a time, both methods.
 
-    Groups depend on the run's settings only (see sweep.runner), capped by
-    memory for many classes (LFW).
+    A group's victims are built once and attacked by each method in turn (one
+    batch per method), sharing their closed-form start where the methods'
+    labels agree.  Groups depend on the run's settings only (see
+    sweep.runner), capped by memory.
     """
     size = _fitting_chunk(run.chunk, input_shape, classes)
     groups = []
-    for method in METHODS:
-        for part in chunked(range(run.experiments), size):
-            keys = tuple((e, method) for e in part)
-            groups.append(Group(keys, (method, tuple(part))))
+    for part in chunked(range(run.experiments), size):
+        keys = tuple((e, method) for method in METHODS for e in part)
+        groups.append(Group(keys, tuple(part)))
     return groups
 
 
@@ -204,22 +206,25 @@ def _row_key(row: Mapping[str, Any]) -> tuple[int, str]:
     return int(row["experiment"]), str(row["method"])
 
 
-def attack_group(work: Work, spec: tuple[str, tuple[int, ...]], emit: Emit) -> None:
-    """The sweep task: rebuild the group's victims and attack them with one method."""
-    method, experiments = spec
+def attack_group(work: Work, spec: tuple[int, ...], emit: Emit) -> None:
+    """The sweep task: rebuild the group's victims, attack them with each method in turn."""
     data = cached_dataset(work.dataset, work.data_dir)
     device = resolve_device(work.device)
-    victims = [make_victim(data, work.dataset, work.seed, e, device) for e in experiments]
-    attack = build_attack(method, AttackConfig(improved=work.mode == "improved"))
+    victims = [make_victim(data, work.dataset, work.seed, e, device) for e in spec]
+    closed_form = ClosedFormCache()  # both methods' closed-form starts, computed once
+    for method in METHODS:
+        attack = build_attack(method, AttackConfig(improved=work.mode == "improved"))
 
-    def save(victim: Victim, result: Reconstruction, seconds: float) -> None:
-        files = None
-        if victim.experiment == report.STRIP_EXPERIMENT:
-            files = {f"strip-{method}.npz": report.strip_frames(victim.image, result)}
-        row = result_row(victim, method, work.dataset, result, seconds, work.engine, device)
-        emit(row, files)
+        def save(
+            victim: Victim, result: Reconstruction, seconds: float, method: str = method
+        ) -> None:
+            files = None
+            if victim.experiment == report.STRIP_EXPERIMENT:
+                files = {f"strip-{method}.npz": report.strip_frames(victim.image, result)}
+            row = result_row(victim, method, work.dataset, result, seconds, work.engine, device)
+            emit(row, files)
 
-    _attack(attack, victims, work.engine, work.width, save)
+        _attack(attack, victims, work.engine, work.width, save, closed_form)
 
 
 def _attack(
@@ -228,6 +233,7 @@ def _attack(
     engine: str,
     width: int,
     save: Callable[[Victim, Reconstruction, float], None],
+    closed_form: ClosedFormCache | None = None,
 ) -> None:
     """Attack every victim with its own seed; `save` gets each result as it ends.
 
@@ -262,6 +268,7 @@ def _attack(
         snapshots=[v.experiment == report.STRIP_EXPERIMENT for v in victims],
         on_result=on_result,
         width=width,
+        closed_form=closed_form,
     )
 
 
