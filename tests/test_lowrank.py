@@ -175,3 +175,19 @@ def test_products_and_terms_against_the_formed_matrices() -> None:
         torch.testing.assert_close(loss[v], r.pow(2).sum())
         torch.testing.assert_close(rh[v], r @ h[v])
         torch.testing.assert_close(rte[v], r.T @ e[v])
+
+
+def test_rows_that_share_a_large_matrix_share_its_pass() -> None:
+    # Two attacks on one victim hold the same weights: one product with two
+    # columns must give what two products give.
+    g = torch.Generator().manual_seed(1)
+    big = [torch.randn(2048, 600, generator=g) for _ in range(2)]
+    assert big[0].numel() >= LARGE
+    m = Matrices([big[0], big[1], big[0]], torch.float32)
+    x = torch.randn(3, 600, 1, generator=g)
+    y = torch.randn(3, 2048, 1, generator=g)
+    for row, matrix in enumerate([big[0], big[1], big[0]]):
+        torch.testing.assert_close(m.times(x)[row], matrix @ x[row], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(
+            m.transposed_times(y)[row], matrix.T @ y[row], rtol=1e-5, atol=1e-4
+        )

@@ -30,7 +30,7 @@ converted to the compute precision in blocks of rows that stay in cache.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -97,13 +97,33 @@ class Matrices:
         """``M x`` per victim: ``x (V, F, B)`` -> ``(V, O, B)``."""
         if self._stacked is not None:
             return _product(self._stacked, x)
-        return torch.stack([_times(self._matrix(k), v) for k, v in enumerate(x)])
+        return self._per_matrix(x, _times)
 
     def transposed_times(self, y: torch.Tensor) -> torch.Tensor:
         """``M^T y`` per victim: ``y (V, O, B)`` -> ``(V, F, B)``."""
         if self._stacked is not None:
             return _product(self._stacked.transpose(1, 2), y)
-        return torch.stack([_transposed_times(self._matrix(k), v) for k, v in enumerate(y)])
+        return self._per_matrix(y, _transposed_times)
+
+    def _per_matrix(self, x: torch.Tensor, product: Callable) -> torch.Tensor:
+        """`product` of each distinct matrix with the columns of every row that holds it.
+
+        Rows that hold the same tensor (two attacks on one victim) share one
+        pass over it: a large layer's products are bound by memory, so two
+        columns cost about what one does.
+        """
+        assert self._list is not None
+        rows: dict[tuple, list[int]] = {}
+        for k, m in enumerate(self._list):  # the same storage, viewed the same way
+            rows.setdefault((m.data_ptr(), m.dtype, m.shape, m.stride()), []).append(k)
+        out: list[torch.Tensor | None] = [None] * len(x)
+        batch = x.shape[2]
+        for group in rows.values():
+            columns = x[group].permute(1, 0, 2).reshape(x.shape[1], -1)
+            result = product(self._matrix(group[0]), columns)
+            for j, k in enumerate(group):
+                out[k] = result[:, j * batch : (j + 1) * batch]
+        return torch.stack(out)  # type: ignore[arg-type]
 
     def _matrix(self, row: int) -> torch.Tensor:
         """Row `row`'s matrix: as given, or its converted copy where the budget allows."""
