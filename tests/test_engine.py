@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradleak import DLG, IDLG, build_model, observe
-from gradleak.attacks.engine import attack_batch
+from gradleak.attacks.engine import attack_batch, attack_together
 from gradleak.attacks.lbfgs import _Memory
 from gradleak.data import load_dataset
 from gradleak.metrics import mse
@@ -188,3 +188,80 @@ def test_each_result_is_handed_over_as_soon_as_its_victim_ends() -> None:
     assert all(results[i] is returned[i] for i in range(4))
     # Victims 2 and 3 wait for a free row: they end after one of 0 and 1 has.
     assert seen[0][0] in (0, 1)
+
+
+def test_attacks_together_take_the_steps_they_take_alone() -> None:
+    # DLG and iDLG rows on the same victims in one batch (they share each pass
+    # over the last layer) against each attack's own batch: the same
+    # algorithm, up to round-off (the iDLG rows are padded to DLG's size, the
+    # batch is wider).  Two steps keep that at rounding level, as for the
+    # refilled batch; plain L-BFGS at lr 1 amplifies it later.
+
+    observations, _ = victims(3, torch.float64)
+    attacks = [DLG(iterations=2, precision="float64"), IDLG(iterations=2, precision="float64")]
+    seeds = [[10, 11, 12], [20, 21, 22]]
+    seen: list[tuple[int, int]] = []
+    together = attack_together(
+        attacks, observations, seeds, on_result=lambda k, i, r: seen.append((k, i))
+    )
+    assert sorted(seen) == [(k, i) for k in range(2) for i in range(3)]
+    for k, attack in enumerate(attacks):
+        alone = attack_batch(attack, observations, seeds[k])
+        for a, b in zip(together[k], alone, strict=True):
+            assert a.evaluations == b.evaluations and a.steps == b.steps
+            assert torch.equal(a.labels, b.labels)
+            torch.testing.assert_close(a.inputs, b.inputs, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(
+                torch.tensor(a.loss_history), torch.tensor(b.loss_history), rtol=1e-6, atol=1e-12
+            )
+
+
+def test_attacks_together_in_improved_mode_rebuild_every_victim() -> None:
+
+    observations, images = victims(4)
+    attacks = [DLG(improved=True), IDLG(improved=True)]
+    results = attack_together(attacks, observations, [[0, 1, 2, 3], [4, 5, 6, 7]])
+    data = load_dataset("sample")
+    for per_attack in results:
+        for i, result in enumerate(per_attack):
+            assert int(result.labels[0]) == data.label(i)
+            assert mse(result.inputs, images[i]) < 1e-6
+
+
+def faithful_victims(count: int) -> tuple[list, list[tuple[torch.Tensor, int]]]:
+    data = load_dataset("sample")
+    observations, truth = [], []
+    for i in range(count):
+        image, label = data[i % len(data)]
+        model = build_model("lenet", input_shape=data.shape, num_classes=10, seed=500 + i)
+        observations.append(observe(model, image, torch.tensor(label)))
+        truth.append((image, label))
+    return observations, truth
+
+
+@pytest.mark.parametrize(("method", "count", "iterations"), [(IDLG, 12, 300), (DLG, 8, 60)])
+def test_faithful_outcomes_survive_the_structured_objective(
+    method: type, count: int, iterations: int
+) -> None:
+    # The batched faithful engine on the structured objective (grouped
+    # convolutions, the last layer from its factors) and on the plain one
+    # (stacked autograd: the weight gradient formed, differentiated twice),
+    # same victims, same seeds, float32.  Plain L-BFGS at lr 1 is chaotic, so
+    # trajectories split with the summation order, as between the batched
+    # and the sequential engine: measured on 12 of these victims at 300 steps,
+    # iDLG ended in another class (MSE below 1e-3 or not) on 1, DLG on 1 and
+    # with another label correctness on 3 (two of them blown up, where a
+    # learned label means nothing).  Label accuracy and the share rebuilt must
+    # stay within that.
+    observations, truth = faithful_victims(count)
+    attack = method(iterations=iterations)
+    runs = [attack_batch(attack, observations, list(range(count)), path=p)
+            for p in ("explicit", "stacked")]  # fmt: skip
+    rebuilt = [[mse(r.inputs[0], x) < 1e-3 for r, (x, _) in zip(run, truth, strict=True)]
+               for run in runs]  # fmt: skip
+    correct = [[int(r.labels[0]) == y for r, (_, y) in zip(run, truth, strict=True)]
+               for run in runs]  # fmt: skip
+    assert sum(a != b for a, b in zip(*rebuilt, strict=True)) <= 2
+    assert abs(sum(rebuilt[0]) - sum(rebuilt[1])) <= 1
+    assert abs(sum(correct[0]) - sum(correct[1])) <= (0 if method is IDLG else 2)
+    assert sum(rebuilt[0]) >= count // 2  # the attack works at all

@@ -245,14 +245,20 @@ class ExplicitMatching:
         return out
 
     def __call__(
-        self, z: torch.Tensor, labels: torch.Tensor | None
+        self,
+        z: torch.Tensor,
+        labels: torch.Tensor | None,
+        learned: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each victim's matching loss ``(V,)`` and its gradient in ``z`` ``(V, size)``.
 
         `labels` ``(V, B)`` are known labels, or None when the labels are
-        learned: then ``z`` ends with each victim's label logits.
+        learned: then ``z`` ends with each victim's label logits.  With
+        `learned` ``(V,)``, the rows it marks learn theirs and the others
+        use `labels`; every row's ``z`` has the logits' room, the known
+        rows' unused (their gradient there is zero).
         """
-        return _evaluate(self, z, labels)
+        return _evaluate(self, z, labels, learned)
 
 
 def _stack(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -278,7 +284,10 @@ def _to_images(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _evaluate(
-    objective: ExplicitMatching, z: torch.Tensor, labels: torch.Tensor | None
+    objective: ExplicitMatching,
+    z: torch.Tensor,
+    labels: torch.Tensor | None,
+    learned: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layers, batch = objective.layers, objective.batch_size
     victims, count = z.shape[0], len(layers)
@@ -313,13 +322,16 @@ def _evaluate(
     # The client's loss: cross-entropy, the mean over each victim's batch.
     probabilities = torch.softmax(outputs[-1], dim=1)  # logits (V, K, B)
     bad = None
-    if labels is None:
+    if labels is None or learned is not None:
         label_logits = z[:, input_size:].reshape(victims, batch, -1).transpose(1, 2)
         soft = torch.softmax(label_logits, dim=1)
         if objective.as_published:
             bad = ~torch.isfinite(soft / batch / probabilities).flatten(1).all(1)
-    else:
-        soft = torch.zeros_like(probabilities).scatter_(1, labels.reshape(victims, 1, -1), 1.0)
+            if learned is not None:
+                bad = bad & learned
+    if labels is not None:
+        known = torch.zeros_like(probabilities).scatter_(1, labels.reshape(victims, 1, -1), 1.0)
+        soft = known if learned is None else torch.where(learned[:, None, None], soft, known)
     top = (probabilities - soft) / batch  # dCE/dlogits
 
     # Backward: dCE/da and e = dCE/du of every block, the weight gradients'
@@ -413,9 +425,11 @@ def _evaluate(
         gradient = bar_a.reshape(batch, victims, -1).transpose(0, 1).reshape(victims, -1)
     else:
         gradient = bar_a.transpose(1, 2).reshape(victims, -1)
-    if labels is None:
+    if labels is None or learned is not None:
         bar_soft = -bar_top
         bar_label = soft * (bar_soft - (soft * bar_soft).sum(1, keepdim=True))
+        if learned is not None:  # known labels are no variable: nothing moves there
+            bar_label = bar_label * learned[:, None, None]
         gradient = torch.cat((gradient, bar_label.transpose(1, 2).reshape(victims, -1)), 1)
     loss, gradient = loss.to(z.dtype), 2 * gradient
     if bad is not None and bool(bad.any()):

@@ -54,6 +54,11 @@ class BatchedObjective:
         observations: One single-example observation per victim, all of the
             same architecture (the weights and gradients differ).
         labels: Known labels, shape ``(V,)``, or None to learn them.
+        learned: Rows that learn their labels although `labels` is given
+            (their entries there are ignored): DLG's rows in a batch shared
+            with iDLG's.  Their variable ends with label logits; the other
+            rows' variables are padded to the same size with entries that
+            get no gradient.  The explicit path only.
         dtype: The precision to compute in.
         as_published: Learned labels through the published soft-label
             expression (`soft_label_cross_entropy`): faithful mode.
@@ -66,6 +71,7 @@ class BatchedObjective:
         dtype: torch.dtype,
         *,
         as_published: bool = False,
+        learned: torch.Tensor | None = None,
     ) -> None:
         first = observations[0]
         if any(o.batch_size != first.batch_size for o in observations):
@@ -79,7 +85,10 @@ class BatchedObjective:
         self.num_classes = first.num_classes
         self.batch_size = first.batch_size
         self.input_size = self.batch_size * math.prod(self.input_shape)
-        self.learns_labels = labels is None
+        if labels is None or (learned is not None and not bool(learned.any())):
+            learned = None
+        self._all_learned = learned  # None: every row alike
+        self.learns_labels = labels is None or learned is not None
         self.as_published = as_published
         label_size = self.batch_size * self.num_classes if self.learns_labels else 0
         self.size = self.input_size + label_size
@@ -105,6 +114,8 @@ class BatchedObjective:
             self.path = "stacked"
         else:
             self.path = "vmapped"
+        if learned is not None and blocks is None:
+            raise AttackNotApplicable("rows of several attacks need a plain net (explicit.py)")
         self._explicit_all: ExplicitMatching | None = None
         self._stacked_all: tuple[dict, dict] | None = None
         self.select(torch.arange(len(observations), device=self.device))
@@ -113,6 +124,8 @@ class BatchedObjective:
         """Evaluate with `path` ("explicit", "stacked" or "vmapped"; tests and benchmarks)."""
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+        if path != "explicit" and self._all_learned is not None:
+            raise AttackNotApplicable("rows of several attacks need the explicit objective")
         if path == "explicit" and self._blocks is None:
             raise AttackNotApplicable("the explicit objective needs a plain net it writes out")
         if path == "stacked" and self._layers is None:
@@ -129,6 +142,8 @@ class BatchedObjective:
         self._norms = self._all_norms[victims]
         labels = self._all_labels
         self._labels = labels[victims] if labels is not None else victims  # placeholder for vmap
+        learned = self._all_learned
+        self._learned = learned[victims] if learned is not None else None
         if self.path == "explicit":
             if self._explicit_all is None:  # built once; LFW's weights are not copied
                 self._explicit_all = ExplicitMatching(
@@ -169,7 +184,9 @@ class BatchedObjective:
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Losses ``(V,)`` and their gradients ``(V, size)`` at the points ``z``."""
         if self.path == "explicit":
-            return self._explicit(z, None if self.learns_labels else self._labels)
+            if self._all_labels is None:
+                return self._explicit(z, None)
+            return self._explicit(z, self._labels, self._learned)
         if self.path == "stacked":
             return self._stacked_path(z)
         with torch.enable_grad():

@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 import gradleak
-from gradleak.attacks import AttackConfig, GradientInversion, build_attack
-from gradleak.attacks.analytic import ClosedFormCache
+from gradleak.attacks import AttackConfig, build_attack
 from gradleak.errors import ConfigError
 from gradleak.experiments.common import absolute_data_dir, cached_dataset, resolve_device
 from gradleak.experiments.reproduce_idlg import report
@@ -143,7 +142,6 @@ class Work:
     seed: int
     mode: str
     engine: str
-    width: int
     device: str
 
 
@@ -190,7 +188,7 @@ def _reproduce_dataset(
 
     groups = plan(run, dataset, data.shape, data.num_classes)
     data_dir = absolute_data_dir(run.data_dir)
-    work = Work(dataset, data_dir, run.seed, run.mode, run.engine, run.chunk, run.device)
+    work = Work(dataset, data_dir, run.seed, run.mode, run.engine, run.device)
     try:
         run_sweep(store, groups, attack_group, work, executor, on_row=on_row, progress=progress)
     except BaseException:
@@ -207,68 +205,52 @@ def _row_key(row: Mapping[str, Any]) -> tuple[int, str]:
 
 
 def attack_group(work: Work, spec: tuple[int, ...], emit: Emit) -> None:
-    """The sweep task: rebuild the group's victims, attack them with each method in turn."""
+    """The sweep task: rebuild the group's victims and attack them with both methods.
+
+    The batched engine runs both methods as one batch (`attack_together`:
+    the rows of one victim share each pass over its last layer, and one
+    closed-form start); the sequential one runs each attack on its own.
+    """
     data = cached_dataset(work.dataset, work.data_dir)
     device = resolve_device(work.device)
     victims = [make_victim(data, work.dataset, work.seed, e, device) for e in spec]
-    closed_form = ClosedFormCache()  # both methods' closed-form starts, computed once
-    for method in METHODS:
-        attack = build_attack(method, AttackConfig(improved=work.mode == "improved"))
+    attacks = [
+        build_attack(method, AttackConfig(improved=work.mode == "improved")) for method in METHODS
+    ]
 
-        def save(
-            victim: Victim, result: Reconstruction, seconds: float, method: str = method
-        ) -> None:
-            files = None
-            if victim.experiment == report.STRIP_EXPERIMENT:
-                files = {f"strip-{method}.npz": report.strip_frames(victim.image, result)}
-            row = result_row(victim, method, work.dataset, result, seconds, work.engine, device)
-            emit(row, files)
+    def save(victim: Victim, method: str, result: Reconstruction, seconds: float) -> None:
+        files = None
+        if victim.experiment == report.STRIP_EXPERIMENT:
+            files = {f"strip-{method}.npz": report.strip_frames(victim.image, result)}
+        row = result_row(victim, method, work.dataset, result, seconds, work.engine, device)
+        emit(row, files)
 
-        _attack(attack, victims, work.engine, work.width, save, closed_form)
-
-
-def _attack(
-    attack: GradientInversion,
-    victims: Sequence[Victim],
-    engine: str,
-    width: int,
-    save: Callable[[Victim, Reconstruction, float], None],
-    closed_form: ClosedFormCache | None = None,
-) -> None:
-    """Attack every victim with its own seed; `save` gets each result as it ends.
-
-    With the sequential engine a result's seconds are its own attack's; with
-    the batched one, the wall time since the previous result of the same
-    batch (their sum is the batch's wall time: the victims share it).
-    """
-    if not victims:
-        return
-    seeds = [v.seeds.attacks[attack.name] for v in victims]
-    if engine == "sequential":
-        for victim, seed in zip(victims, seeds, strict=True):
-            start = time.perf_counter()
-            result = attack(victim.observation, seed=seed)
-            save(victim, result, time.perf_counter() - start)
+    if work.engine == "sequential":
+        for attack in attacks:
+            for victim in victims:
+                start = time.perf_counter()
+                result = attack(victim.observation, seed=victim.seeds.attacks[attack.name])
+                save(victim, attack.name, result, time.perf_counter() - start)
         return
     # Imported here so that the sequential path works without the batched engine.
-    from gradleak.attacks.engine import attack_batch
+    from gradleak.attacks.engine import attack_together
 
     last = time.perf_counter()
 
-    def on_result(index: int, result: Reconstruction) -> None:
+    def on_result(k: int, index: int, result: Reconstruction) -> None:
+        # A result's seconds: the wall time since the previous result of the
+        # same batch (their sum is the batch's wall time: the rows share it).
         nonlocal last
         now = time.perf_counter()
-        save(victims[index], result, now - last)
+        save(victims[index], attacks[k].name, result, now - last)
         last = now
 
-    attack_batch(
-        attack,
+    attack_together(
+        attacks,
         [v.observation for v in victims],
-        seeds,
+        [[v.seeds.attacks[a.name] for v in victims] for a in attacks],
         snapshots=[v.experiment == report.STRIP_EXPERIMENT for v in victims],
         on_result=on_result,
-        width=width,
-        closed_form=closed_form,
     )
 
 
