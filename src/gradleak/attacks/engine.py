@@ -31,7 +31,7 @@ from gradleak.attacks.dlg import (
 )
 from gradleak.attacks.explicit import plain_blocks
 from gradleak.attacks.layered import plain_layers
-from gradleak.attacks.lbfgs import FaithfulLBFGS, RobustLBFGS
+from gradleak.attacks.lbfgs import FaithfulLBFGS, RobustLBFGS, SplitLBFGS
 from gradleak.attacks.objective import BatchedObjective
 from gradleak.attacks.threads import attack_threads
 from gradleak.types import Observation, Reconstruction, Snapshot
@@ -358,9 +358,15 @@ def _faithful(
     out_dtype = objective.output_dtype  # the client's, as the sequential engine returns
     rows = torch.arange(min(width, len(victims)), device=z0.device)  # victim index of each row
     waiting = torch.arange(len(rows), len(victims), device=z0.device)
-    optimiser = FaithfulLBFGS(
-        z0[rows], lr=config.lr, history=config.history_size, max_iter=config.max_iter
-    )
+    options = {"lr": config.lr, "history": config.history_size, "max_iter": config.max_iter}
+    learns = torch.tensor([v.learns for v in victims], device=z0.device)
+    optimiser: FaithfulLBFGS | SplitLBFGS
+    if objective.learns_labels and not bool(learns.all()):
+        # Rows of DLG and iDLG: each kind on its own variable's size.
+        assert not len(waiting), "rows of two sizes start together"
+        optimiser = SplitLBFGS(z0[rows], ~learns, objective.input_size, **options)  # type: ignore[arg-type]
+    else:
+        optimiser = FaithfulLBFGS(z0[rows], **options)  # type: ignore[arg-type]
     objective.select(rows)
     steps = torch.zeros(len(rows), dtype=torch.long, device=z0.device)
     while rows.numel():
@@ -374,7 +380,13 @@ def _faithful(
         at_end = steps == config.iterations
         checked = (steps >= 1) & ((steps - 1) % config.check_every == 0)
         converged = checked & (loss < config.tolerance)
-        dead = torch.isnan(optimiser.z).all(1)  # NaN for good: see _published_steps
+        # NaN for good (see _published_steps): every entry of the row's own
+        # variable, which for a row that reads its labels ends at the input.
+        z = optimiser.z
+        dead = torch.isnan(z[:, : objective.input_size]).all(1)
+        if objective.learns_labels:
+            logits_dead = torch.isnan(z[:, objective.input_size :]).all(1)
+            dead &= logits_dead | ~learns[rows]
         done = start & (at_end | converged | dead)
         for i in start.nonzero().flatten().tolist():
             victim, k = victims[int(rows[i])], int(steps[i])

@@ -375,3 +375,80 @@ class RobustLBFGS:
         self.t = torch.where(mask, torch.where(steepest, first_t, self.lr), self.t)
         self.gtd = torch.where(mask, (self.g * self.d).sum(-1), self.gtd)
         self.trials = torch.where(mask, 0, self.trials)
+
+
+class SplitLBFGS:
+    """`FaithfulLBFGS` for rows of two sizes, behind one interface (no refills).
+
+    A batch of DLG and iDLG rows (attack_together) has DLG's variables,
+    input and label logits, for every row; an iDLG row's own variable is the
+    input alone.  Padding it would give every iDLG row DLG's L-BFGS memory
+    (LFW: 100 pairs of 8,821 entries instead of 3,072) and the passes over it;
+    here each kind of row has its own optimiser of its own size, and the
+    batch sees the padded points.
+
+    Args:
+        z: Every row's start, ``(n, size)``.
+        narrow: Rows whose variable is the first `prefix` entries only.
+        prefix: Their size.
+    """
+
+    def __init__(
+        self,
+        z: torch.Tensor,
+        narrow: torch.Tensor,
+        prefix: int,
+        *,
+        lr: float,
+        history: int,
+        max_iter: int,
+    ) -> None:
+        self.size, self.prefix = z.shape[1], prefix
+        self.narrow = narrow.clone()
+        options = {"lr": lr, "history": history, "max_iter": max_iter}
+        self.parts = (
+            FaithfulLBFGS(z[~narrow], **options),  # type: ignore[arg-type]
+            FaithfulLBFGS(z[narrow, :prefix], **options),  # type: ignore[arg-type]
+        )
+        self._z: torch.Tensor | None = None
+
+    @property
+    def z(self) -> torch.Tensor:
+        """Every row's point, padded to the full size (with zeros)."""
+        if self._z is None:
+            wide, narrow = self.parts
+            out = wide.z.new_zeros(len(self.narrow), self.size)
+            out[~self.narrow] = wide.z
+            out[self.narrow, : self.prefix] = narrow.z
+            self._z = out
+        return self._z
+
+    @property
+    def at_step_start(self) -> torch.Tensor:
+        out = torch.zeros_like(self.narrow)
+        out[~self.narrow] = self.parts[0].at_step_start
+        out[self.narrow] = self.parts[1].at_step_start
+        return out
+
+    def advance(self, loss: torch.Tensor, g: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """`FaithfulLBFGS.advance` of each part on its own rows and entries."""
+        wide, narrow = ~self.narrow, self.narrow
+        ended = torch.zeros_like(self.narrow)
+        ended[wide] = self.parts[0].advance(loss[wide], g[wide], active[wide])
+        ended[narrow] = self.parts[1].advance(
+            loss[narrow], g[narrow, : self.prefix], active[narrow]
+        )
+        self._z = None
+        return ended
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (increasing), each part its own of them."""
+        kept = torch.zeros_like(self.narrow)
+        kept[rows] = True
+        for part, mine in zip(self.parts, (~self.narrow, self.narrow), strict=True):
+            part.keep(kept[mine].nonzero().flatten())
+        self.narrow = self.narrow[rows]
+        self._z = None
+
+    def replace(self, rows: torch.Tensor, z: torch.Tensor) -> None:
+        raise NotImplementedError("rows of two sizes are not refilled: start them all at once")
