@@ -53,12 +53,14 @@ def two_loop(
     return r
 
 
+@pytest.mark.parametrize("history", [5, 12], ids=["wrapped", "slots unused"])
 @pytest.mark.parametrize("shared_pass", [False, True], ids=["own products", "shared pass"])
-def test_compact_direction_equals_the_two_loop_recursion(shared_pass: bool) -> None:
+def test_compact_direction_equals_the_two_loop_recursion(shared_pass: bool, history: int) -> None:
     # "shared pass": push and direction get the products the faithful optimiser
-    # takes in one pass before the push, instead of computing their own.
+    # takes in one pass before the push, instead of computing their own.  With
+    # history 12 no buffer is full: only the slots in use are read.
     gen = torch.Generator().manual_seed(0)
-    n, size, history = 4, 12, 5
+    n, size = 4, 12
     memory = _Memory(n, size, history, torch.zeros(1, dtype=torch.float64))
     pushes = [0, 3, 5, 9]  # empty, partial, exactly full, wrapped around
     pairs: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
+from gradleak.attacks.lowrank import transposed_times
 from gradleak.types import Observation
 
 _EPS = 1e-6  # keeps logit() finite where a solved activation reaches 0 or 1
@@ -128,12 +129,14 @@ def analytic_inputs(
     features, errors = [], []
     for k, o in enumerate(observations):
         gb = o.gradients[names.index(chain.fc_bias)].to(dtype)
-        gw = o.gradients[names.index(chain.fc_weight)].to(dtype)
+        gw = o.gradients[names.index(chain.fc_weight)]
         c = int(gb.argmin()) if labels is None else int(labels.reshape(-1)[k])
-        weight = dict(o.model.named_parameters())[chain.fc_weight].detach().to(dtype)
-        # Features before the last layer, and the error signal arriving at them.
-        features.append(gw[c] / gb[c])
-        errors.append(weight.T @ gb)
+        weight = dict(o.model.named_parameters())[chain.fc_weight].detach()
+        # Features before the last layer, and the error signal arriving at them:
+        # one row of the weight gradient, and W^T gb converted a block of rows at
+        # a time (no float64 copy of LFW's 5,749 x 768 layer).
+        features.append(gw[c].to(dtype) / gb[c])
+        errors.append(transposed_times(weight, gb[:, None])[:, 0])
     a = torch.stack(features).reshape(-1, *chain.feature_shape)
     delta = torch.stack(errors).reshape_as(a) * a * (1 - a)
     for depth, conv in reversed(list(enumerate(chain.convs))):

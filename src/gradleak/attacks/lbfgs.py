@@ -65,9 +65,25 @@ class _Memory:
         self.vectors[rows] = 0
         self.products_matrix[rows] = 0
 
+    def used(self) -> int:
+        """Slots in use by any problem: until a problem's buffer wraps around, its
+        pairs sit in slots 0 .. count - 1, so the rest of every buffer is zero."""
+        return int(self.count.max()) if len(self.count) else 0
+
     def products(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``(n, k, D)`` vectors against every stored s and y: ``(n, k, 2m)``, one pass."""
-        return _dots(vectors, self.vectors)
+        """``(n, k, D)`` vectors against every stored s and y: ``(n, k, 2m)``, one pass.
+
+        Only the slots in use are read (a run that stops after a few pairs,
+        as improved mode's mostly do, never reads its 100-pair buffer whole).
+        """
+        m, used = self.history, self.used()
+        if used == m:
+            return _dots(vectors, self.vectors)
+        out = vectors.new_zeros(vectors.shape[0], vectors.shape[1], 2 * m)
+        if used:
+            out[:, :, :used] = _dots(vectors, self.vectors[:, :used])
+            out[:, :, m : m + used] = _dots(vectors, self.vectors[:, m : m + used])
+        return out
 
     def push(
         self,
@@ -137,21 +153,24 @@ class _Memory:
             g_products: ``products(g[:, None])[:, 0]`` with the current buffer,
                 when the caller has it.
         """
-        n, m = g.shape[0], self.history
-        order = torch.arange(m, device=g.device)
+        n, m, k = g.shape[0], self.history, self.used()
+        if k == 0:
+            return -h_diag[:, None] * g
+        # Logical positions 0 .. k - 1 only: no problem has more pairs.
+        order = torch.arange(k, device=g.device)
         # Logical position j (0 = oldest) lives in slot (head - count + j) mod m.
         slots = (self.head - self.count)[:, None].add(order) % m
         valid = order[None, :] < self.count[:, None]
         pair = valid[:, :, None] & valid[:, None, :]
         # Both product matrices reordered to logical positions in one gather.
-        flat = (slots[:, :, None] * m + slots[:, None, :]).reshape(n, 1, m * m)
-        both = torch.gather(self.products_matrix.flatten(2), 2, flat.expand(n, 2, m * m))
-        both = both.reshape(n, 2, m, m) * pair[:, None]
+        flat = (slots[:, :, None] * m + slots[:, None, :]).reshape(n, 1, k * k)
+        both = torch.gather(self.products_matrix.flatten(2), 2, flat.expand(n, 2, k * k))
+        both = both.reshape(n, 2, k, k) * pair[:, None]
         sy, yy = both[:, 0], both[:, 1]
         if g_products is None:
             g_products = self.products(g.unsqueeze(1))[:, 0]
         uw = torch.gather(g_products, 1, torch.cat((slots, slots + m), 1))
-        u, w = uw[:, :m] * valid, uw[:, m:] * valid  # g . s_j and g . y_j
+        u, w = uw[:, :k] * valid, uw[:, k:] * valid  # g . s_j and g . y_j
         gamma = h_diag[:, None]
         # R: upper triangle of S^T Y; unused positions get a unit diagonal.
         r = torch.triu(sy) + torch.diag_embed((~valid).to(g.dtype))
@@ -166,8 +185,13 @@ class _Memory:
         coefficients = torch.zeros(n, 2 * m, dtype=g.dtype, device=g.device).scatter_(
             1, torch.cat((slots, slots + m), 1), torch.cat((top * valid, gamma * bottom * valid), 1)
         )
-        hg = gamma * g + torch.bmm(coefficients.unsqueeze(1), self.vectors).squeeze(1)
-        return -hg
+        if k == m:
+            combined = torch.bmm(coefficients.unsqueeze(1), self.vectors)
+        else:  # the slots in use: 0 .. k - 1 of s and of y
+            combined = torch.bmm(coefficients[:, None, :k], self.vectors[:, :k]) + torch.bmm(
+                coefficients[:, None, m : m + k], self.vectors[:, m : m + k]
+            )
+        return -(gamma * g + combined.squeeze(1))
 
 
 def _keep_rows(state: object, rows: torch.Tensor, names: tuple[str, ...]) -> None:

@@ -103,7 +103,7 @@ class Matrices:
         """``M^T y`` per victim: ``y (V, O, B)`` -> ``(V, F, B)``."""
         if self._stacked is not None:
             return _product(self._stacked.transpose(1, 2), y)
-        return self._per_matrix(y, _transposed_times)
+        return self._per_matrix(y, transposed_times)
 
     def _per_matrix(self, x: torch.Tensor, product: Callable) -> torch.Tensor:
         """`product` of each distinct matrix with the columns of every row that holds it.
@@ -170,7 +170,8 @@ def _times(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _transposed_times(m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def transposed_times(m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``m^T y`` in y's precision, converting `m` a block of rows at a time if it differs."""
     if m.dtype == y.dtype:
         return (y.T @ m).T
     out = y.new_zeros(y.shape[1], m.shape[1])
