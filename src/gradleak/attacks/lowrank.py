@@ -222,8 +222,13 @@ class SharedGradient:
         self.e0 = torch.zeros(victims, outputs, dtype=torch.float64, device=gradients[0].device)
         self.h0 = torch.zeros(victims, features, dtype=torch.float64, device=gradients[0].device)
         dense = []
+        found: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
         for v, g in enumerate(gradients):
-            factors = rank_one_factors(g) if batch_size == 1 else None
+            # Rows of two attacks on one victim hold the same gradient: factor it once.
+            key = (g.data_ptr(), g.dtype, g.shape, g.stride())
+            if key not in found:
+                found[key] = rank_one_factors(g) if batch_size == 1 else None
+            factors = found[key]
             if factors is None:
                 dense.append(v)
             else:
