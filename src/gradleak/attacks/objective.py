@@ -98,7 +98,11 @@ class BatchedObjective:
         self._observations = list(observations)
         self._all_labels = labels
         self._count = len(observations)
-        self._all_norms = torch.stack([_squared_norm(o.gradients) for o in observations]).to(dtype)
+        norms: dict[int, torch.Tensor] = {}  # a victim attacked twice is summed once
+        for o in observations:
+            if id(o) not in norms:
+                norms[id(o)] = _squared_norm(o.gradients)
+        self._all_norms = torch.stack([norms[id(o)] for o in observations]).to(dtype)
         self._layers = plain_layers(first.model, self.input_shape)
         blocks = plain_blocks(self._layers) if self._layers is not None else None
         self._blocks = blocks
