@@ -267,3 +267,29 @@ def test_faithful_outcomes_survive_the_structured_objective(
     assert abs(sum(rebuilt[0]) - sum(rebuilt[1])) <= 1
     assert abs(sum(correct[0]) - sum(correct[1])) <= (0 if method is IDLG else 2)
     assert sum(rebuilt[0]) >= count // 2  # the attack works at all
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_the_engine_runs_where_the_observations_are() -> None:
+    # No code path of its own: the same batch on CUDA takes the CPU's steps.
+    data = load_dataset("sample")
+    on_device: dict[str, list] = {"cpu": [], "cuda": []}
+    for i in range(3):
+        image, label = data[i]
+        for device in on_device:
+            model = build_model("lenet", input_shape=data.shape, num_classes=10, seed=100 + i)
+            model = model.to(device, torch.float64)
+            x, y = image.to(device, torch.float64), torch.tensor(label, device=device)
+            on_device[device].append(observe(model, x, y))
+    attacks = [DLG(iterations=2, precision="float64"), IDLG(iterations=2, precision="float64")]
+    seeds = [[1, 2, 3], [4, 5, 6]]
+    results = {d: attack_together(attacks, obs, seeds) for d, obs in on_device.items()}
+    for cpu_results, gpu_results in zip(results["cpu"], results["cuda"], strict=True):
+        for a, b in zip(cpu_results, gpu_results, strict=True):
+            assert b.inputs.device.type == "cuda"
+            assert a.evaluations == b.evaluations
+            torch.testing.assert_close(a.inputs, b.inputs.cpu(), rtol=1e-5, atol=1e-6)
+    improved = attack_together([DLG(improved=True), IDLG(improved=True)], on_device["cuda"], seeds)
+    for per_attack in improved:
+        for i, result in enumerate(per_attack):
+            assert mse(result.inputs.cpu(), data[i][0]) < 1e-6
