@@ -1,9 +1,9 @@
 """Batched products of a linear layer: the plain form against the one explicit.py uses.
 
 A linear layer's products have one column per example, so each victim's is a
-matrix times a vector.  `_product` in attacks/explicit.py computes them as a
-vector times a transposed matrix, and an outer product (a weight gradient of
-one example) as a broadcast multiply.  This times both forms, side by side,
+matrix times a vector.  `_product` in attacks/lowrank.py computes them as a
+vector times a transposed matrix (the explicit objective no longer forms an
+outer product: lowrank.py).  This times both forms, side by side,
 on LeNet's last layers (median of `--repeats` calls, 1 thread).
 
     .venv/bin/python bench/products.py
@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from gradleak.attacks.explicit import _product
+from gradleak.attacks.lowrank import _product
 
 # (victims, classes, features): CIFAR-100, MNIST and LFW LeNets' last layers.
 LAYERS = [(16, 100, 768), (32, 10, 588), (4, 5749, 768)]
@@ -51,7 +51,6 @@ def main() -> None:
         cases = {
             "W @ x": (w, x),
             "W^T @ e": (w.transpose(1, 2), e),
-            "e @ x^T (outer)": (e, x.transpose(1, 2)),
         }
         for name, (a, b) in cases.items():
             torch.testing.assert_close(_product(a, b), torch.bmm(a, b), rtol=1e-4, atol=1e-3)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradleak import IDLG, build_model, observe
-from gradleak.attacks.analytic import analytic_inputs, sigmoid_conv_chain
+from gradleak import DLG, IDLG, build_model, observe
+from gradleak.attacks import analytic
+from gradleak.attacks.analytic import ClosedFormCache, analytic_inputs, sigmoid_conv_chain
 from gradleak.attacks.engine import attack_batch
 from gradleak.data import load_dataset
 from gradleak.metrics import mse
@@ -67,3 +68,26 @@ def test_no_closed_form_for_other_architectures_or_batches() -> None:
     images = torch.stack([data[0][0], data[1][0]])
     batch = observe(lenet, images, torch.tensor([data.label(0), data.label(1)]))
     assert analytic_inputs([batch], None) is None
+
+
+def test_both_methods_share_one_closed_form_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DLG's closed form reads the label from the bias gradient, iDLG's rule from
+    # the weight gradient: the same label, so one computation serves both.
+    observations, images = victims("sample", 3)
+    calls: list[int] = []
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return analytic_inputs(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(analytic, "analytic_inputs", counting)
+    cache = ClosedFormCache()
+    attacks = (DLG(improved=True), IDLG(improved=True))
+    shared = [attack_batch(a, observations, [0, 1, 2], closed_form=cache) for a in attacks]
+    assert len(calls) == 1
+    for attack, results in zip(attacks, shared, strict=True):
+        alone = attack_batch(attack, observations, [0, 1, 2])
+        assert len(calls) == 2 + (attack is attacks[1])  # each lone run computes its own
+        for a, b, image in zip(results, alone, images, strict=True):
+            assert torch.equal(a.labels, b.labels)
+            assert mse(a.inputs, image) < 1e-6 and mse(b.inputs, image) < 1e-6

@@ -160,6 +160,8 @@ class GradientInversion:
         *,
         seed: int = 0,
         callback: StepCallback | None = None,
+        start: torch.Tensor | None = None,
+        start_labels: torch.Tensor | None = None,
     ) -> Reconstruction:
         """Attack one observation.
 
@@ -167,15 +169,52 @@ class GradientInversion:
             observation: What the attacker saw.
             seed: Seed of the dummy initialisation (equal seeds, equal results).
             callback: Called as ``callback(step, loss)`` after every step.
+            start: Where the dummy input starts, shape ``(batch_size,
+                *input_shape)``, in place of the seeded draw (and of the
+                closed-form start): any run can be replayed from a given
+                point.  The draws are still made, so ``start`` equal to the
+                seeded draw gives the seeded run bit for bit.  Converted to
+                the attack's precision; restarts draw afresh.
+            start_labels: DLG only: where its dummy label logits start,
+                shape ``(batch_size, num_classes)``.
 
         Raises:
             AttackNotApplicable: The shared gradient is all zeros.
+            ConfigError: A start of the wrong shape, or labels for an
+                attack that reads its labels.
         """
         require_nonzero_gradient(observation)
+        start, start_labels = self.check_start(observation, start, start_labels)
         with attack_threads(observation.device):
             generator = torch.Generator().manual_seed(seed)
             labels = self.infer_labels(observation)
-            return _optimise(observation, labels, self.config, generator, callback)
+            return _optimise(
+                observation, labels, self.config, generator, callback, (start, start_labels)
+            )
+
+    def check_start(
+        self,
+        observation: Observation,
+        start: torch.Tensor | None,
+        start_labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`start` and `start_labels` checked and in the attack's precision, or None."""
+        dtype = self.config.dtype
+        shape = (observation.batch_size, *observation.input_shape)
+        if start is not None:
+            if tuple(start.shape) != shape:
+                raise ConfigError(f"start must have shape {shape}, got {tuple(start.shape)}")
+            start = start.detach().to(observation.device, dtype)
+        if start_labels is not None:
+            if not self.learns_labels:
+                raise ConfigError(f"{self.name} reads its labels: it takes no start_labels")
+            shape = (observation.batch_size, observation.num_classes)
+            if tuple(start_labels.shape) != shape:
+                raise ConfigError(
+                    f"start_labels must have shape {shape}, got {tuple(start_labels.shape)}"
+                )
+            start_labels = start_labels.detach().to(observation.device, dtype)
+        return start, start_labels
 
     def infer_labels(self, observation: Observation) -> torch.Tensor | None:
         """Labels known before optimising, or None when the attack learns them."""
@@ -250,14 +289,23 @@ def build_attack(
     return ATTACKS[name](config, **overrides)
 
 
+Start = tuple[torch.Tensor | None, torch.Tensor | None]
+
+
 def _optimise(
     observation: Observation,
     labels: torch.Tensor | None,
     config: AttackConfig,
     generator: torch.Generator,
     callback: StepCallback | None,
+    start: Start = (None, None),
 ) -> Reconstruction:
-    """The sequential reference engine: one victim, torch.optim.LBFGS."""
+    """The sequential reference engine: one victim, torch.optim.LBFGS.
+
+    Faithful mode is the published loop (`_published_steps`); improved mode
+    adds its checks and restarts (`_run_steps`).  `start` is the caller's
+    ``(inputs, label_logits)`` start, each None for the usual one.
+    """
     dtype = config.dtype
     model = observation.model
     train = observation.batchnorm == "train"
@@ -282,11 +330,16 @@ def _optimise(
             label_logits = torch.randn(
                 (observation.batch_size, observation.num_classes), generator=generator
             ).to(device, dtype)
-        if state.restarts == 0 and config.analytic_start:
+        given_x, given_logits = start if state.restarts == 0 else (None, None)
+        if given_x is not None:
+            x = given_x.clone()
+        if given_logits is not None:
+            label_logits = given_logits.clone()
+        if state.restarts == 0 and config.analytic_start and given_x is None:
             warm = analytic_inputs([observation], labels, dtype=dtype)
             if warm is not None and bool(torch.isfinite(warm).all()):
                 x, state.warm = warm.to(device, dtype), True
-                if label_logits is not None:
+                if label_logits is not None and given_logits is None:
                     label_logits = analytic_label_logits(observation).to(device, dtype)
         variables = [x.requires_grad_(True)]
         if label_logits is not None:
@@ -299,10 +352,17 @@ def _optimise(
             line_search_fn="strong_wolfe" if config.improved else None,
         )
 
-        closure = _closure(model, parameters, shared, variables, labels, state)
-        outcome, loss, point = _run_steps(
-            optimiser, closure, variables, config, state, callback, floor, tolerance
+        closure = _closure(
+            model, parameters, shared, variables, labels, state, as_published=not config.improved
         )
+        if config.improved:
+            outcome, loss, point = _run_steps(
+                optimiser, closure, variables, config, state, callback, floor, tolerance
+            )
+        else:
+            outcome, loss, point = _published_steps(
+                optimiser, closure, variables, config, state, callback, tolerance
+            )
         x_final, logits_final = point[0], point[1] if labels is None else None
         run_labels = labels if labels is not None else logits_final.argmax(dim=-1)
         if best is None or _better(loss, best[0]):
@@ -347,6 +407,60 @@ class _Run:
     snapshots: tuple[Snapshot, ...] = ()
 
 
+def _published_steps(
+    optimiser: torch.optim.LBFGS,
+    closure: Callable[[], torch.Tensor],
+    variables: list[torch.Tensor],
+    config: AttackConfig,
+    state: _Run,
+    callback: StepCallback | None,
+    tolerance: float,
+) -> tuple[str, float, list[torch.Tensor]]:
+    """iDLG's published loop, op for op: a step, then the loss where it landed.
+
+    ``for k in range(iterations)``: one L-BFGS step, the matching loss at
+    the point it reached (the one the history records), and at ``k = 0, 10,
+    20, ...`` a stop once that loss is below the tolerance, so the run ends at
+    the point x1, x11, x21, ... it was checked at.  The loss after step k is
+    also what step k + 1 starts by evaluating; the closure returns its last
+    result when asked again at the same point, so the published extra
+    evaluation costs nothing and changes nothing.  A non-finite loss does not
+    stop the run (the published loop has no such check).  Once every entry of
+    the point is NaN, every later point, loss and gradient is NaN too (NaN
+    plus anything is NaN), so the run ends there with the history the
+    remaining steps would give: NaN up to the step budget.
+
+    Returns ("converged", "diverged" or "budget"), the loss at the returned
+    point, and the point.
+    """
+    snapshots = [Snapshot(0, variables[0].detach().cpu().clone())]
+    loss = math.nan
+    outcome = "budget"
+    for k in range(config.iterations):
+        optimiser.step(closure)
+        loss = float(closure())
+        state.steps += 1
+        state.history.append(loss)
+        if callback is not None:
+            callback(k, loss)
+        if state.steps % config.snapshot_every == 0:
+            snapshots.append(Snapshot(state.steps, variables[0].detach().cpu().clone()))
+        if k % config.check_every == 0 and loss < tolerance:
+            outcome = "converged"
+            break
+        if all(bool(torch.isnan(v).all()) for v in variables):
+            for later in range(k + 1, config.iterations):
+                state.history.append(math.nan)
+                if callback is not None:
+                    callback(later, math.nan)
+            state.steps += config.iterations - (k + 1)
+            break
+    state.snapshots = tuple(snapshots)
+    if not math.isfinite(loss):
+        outcome = "diverged"
+    return outcome, loss, [v.detach().clone() for v in variables]
+
+
 def _run_steps(
     optimiser: torch.optim.LBFGS,
     closure: Callable[[], torch.Tensor],
@@ -357,14 +471,15 @@ def _run_steps(
     floor: float,
     tolerance: float,
 ) -> tuple[str, float, list[torch.Tensor]]:
-    """Step until converged, diverged, stalled or out of budget.
+    """Improved mode: step until converged, diverged, stalled or out of budget.
 
     Returns the outcome ("converged", "diverged", "stalled" in a bad basin,
     "floor" when stalled at a tiny loss, or "budget"), the matching loss at
     the returned point and the point.
     ``optimiser.step`` returns the loss at the point it started from, so the
     point is copied before each step: when that loss is below the tolerance,
-    that is the point we return.
+    that is the point we return.  The history starts with the loss at the
+    start: a closed-form start may be the answer already.
     """
     snapshots = [Snapshot(0, variables[0].detach().cpu().clone())]
     best_recent = math.inf
@@ -379,22 +494,20 @@ def _run_steps(
         state.history.append(loss)  # the loss at the point `local_step` steps in
         if callback is not None:
             callback(state.steps, loss)
-        check = config.improved or local_step % config.check_every == 0
-        if check and loss < tolerance:
+        if loss < tolerance:
             state.snapshots = tuple(snapshots)
             return "converged", loss, before
         state.steps += 1
         local_step += 1
         if local_step % config.snapshot_every == 0:
             snapshots.append(Snapshot(local_step, variables[0].detach().cpu().clone()))
-        if config.improved:
-            if loss < 0.9 * best_recent:
-                best_recent, since_progress = loss, 0
-            else:
-                since_progress += 1
-                if since_progress >= (WARM_PATIENCE if state.warm else config.patience):
-                    state.snapshots = tuple(snapshots)
-                    return ("stalled" if loss > floor else "floor"), loss, before
+        if loss < 0.9 * best_recent:
+            best_recent, since_progress = loss, 0
+        else:
+            since_progress += 1
+            if since_progress >= (WARM_PATIENCE if state.warm else config.patience):
+                state.snapshots = tuple(snapshots)
+                return ("stalled" if loss > floor else "floor"), loss, before
     # Out of budget: the last step moved the point without evaluating it there.
     final = float(closure())
     state.history.append(final)
@@ -414,21 +527,38 @@ def _closure(
     variables: list[torch.Tensor],
     labels: torch.Tensor | None,
     state: _Run,
+    *,
+    as_published: bool,
 ) -> Callable[[], torch.Tensor]:
     """The L-BFGS closure: matching loss, with its gradient left in ``.grad``.
 
     ``variables`` is ``[inputs]`` with known labels, ``[inputs, label_logits]``
-    without.  Gradients go to the dummies only, never into the model.
+    without.  Gradients go to the dummies only, never into the model.  Asked
+    again at the point it last evaluated (equal values), it returns that
+    result instead of computing the same numbers twice; only evaluations
+    count in ``state.evaluations``.
     """
     x = variables[0]
     label_logits = variables[1] if labels is None else None
+    last: list = []  # [point, loss, gradients] of the last evaluation
 
     def closure() -> torch.Tensor:
-        state.evaluations += 1
-        loss = matching_loss(model, parameters, shared, x, labels=labels, label_logits=label_logits)
-        for v, g in zip(variables, torch.autograd.grad(loss, variables), strict=True):
+        point = [v.detach() for v in variables]
+        if last and all(torch.equal(a, b) for a, b in zip(last[0], point, strict=True)):
+            loss, gradients = last[1], last[2]
+        else:
+            state.evaluations += 1
+            with torch.enable_grad():
+                value = matching_loss(
+                    model, parameters, shared, x,
+                    labels=labels, label_logits=label_logits, as_published=as_published,
+                )  # fmt: skip
+                gradients = torch.autograd.grad(value, variables)
+            loss = value.detach()
+            last[:] = [[p.clone() for p in point], loss, gradients]
+        for v, g in zip(variables, gradients, strict=True):
             v.grad = g
-        return loss.detach()
+        return loss
 
     return closure
 

@@ -15,20 +15,23 @@ random start when a run diverges or stalls in a bad basin.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from gradleak.attacks.analytic import analytic_inputs, analytic_label_logits
+from gradleak.attacks.analytic import ClosedFormCache, analytic_label_logits
 from gradleak.attacks.dlg import (
     WARM_PATIENCE,
     AttackConfig,
     GradientInversion,
     require_nonzero_gradient,
 )
-from gradleak.attacks.lbfgs import FaithfulLBFGS, RobustLBFGS
+from gradleak.attacks.explicit import plain_blocks
+from gradleak.attacks.layered import plain_layers
+from gradleak.attacks.lbfgs import FaithfulLBFGS, RobustLBFGS, SplitLBFGS
 from gradleak.attacks.objective import BatchedObjective
 from gradleak.attacks.threads import attack_threads
 from gradleak.types import Observation, Reconstruction, Snapshot
@@ -47,6 +50,8 @@ class _Victim:
     best: tuple[float, torch.Tensor] | None = None
     result: Reconstruction | None = None
     warm: bool = False  # started from the closed form (a stall there is final)
+    label: torch.Tensor | None = None  # the known label; None where the row learns it
+    learns: bool = True  # the row's variable holds label logits it learns
 
 
 def attack_batch(
@@ -57,6 +62,10 @@ def attack_batch(
     snapshots: Sequence[bool] | None = None,
     on_result: Callable[[int, Reconstruction], None] | None = None,
     width: int = 32,
+    starts: Sequence[torch.Tensor | None] | None = None,
+    start_labels: Sequence[torch.Tensor | None] | None = None,
+    path: str | None = None,
+    closed_form: ClosedFormCache | None = None,
 ) -> list[Reconstruction]:
     """Attack many observations at once (each one example, or all the same batch size).
 
@@ -70,6 +79,13 @@ def attack_batch(
         width: Faithful mode attacks at most this many victims at a time and
             starts the next ones as others finish, so that the batch stays
             full instead of ending with its slowest victim alone.
+        starts: Per victim, its given start (or None), as ``start`` of
+            `GradientInversion.__call__`.
+        start_labels: Per victim, DLG's given label-logit start (or None).
+        path: The objective's path ("explicit", "stacked", "vmapped"; None:
+            the fastest that applies).  Tests and benchmarks compare them.
+        closed_form: A cache of closed-form starts shared with other attacks
+            on the same observations (computed once where they agree).
 
     Returns:
         One reconstruction per victim, in input order.
@@ -83,58 +99,209 @@ def attack_batch(
         return []
     for i, observation in enumerate(observations):
         require_nonzero_gradient(observation, victim=i if len(observations) > 1 else None)
+    given = []
+    for i, observation in enumerate(observations):
+        x0 = starts[i] if starts is not None else None
+        l0 = start_labels[i] if start_labels is not None else None
+        given.append(attack.check_start(observation, x0, l0))
     with attack_threads(observations[0].device):
-        return _attack_batch(attack, observations, seeds, snapshots, on_result, width)
+        return _attack_rows(
+            [attack] * len(observations), observations, seeds, snapshots, on_result, width,
+            given, path, closed_form or ClosedFormCache(),
+        )  # fmt: skip
 
 
-def _attack_batch(
-    attack: GradientInversion,
+def attack_together(
+    attacks: Sequence[GradientInversion],
+    observations: Sequence[Observation],
+    seeds: Sequence[Sequence[int]],
+    *,
+    snapshots: Sequence[bool] | None = None,
+    on_result: Callable[[int, int, Reconstruction], None] | None = None,
+    closed_form: ClosedFormCache | None = None,
+) -> list[list[Reconstruction]]:
+    """Several attacks (DLG and iDLG, one mode) on the same victims, as one batch.
+
+    Each attack's rows run its own algorithm: its labels, its seeds, its own
+    L-BFGS state, as `attack_batch` would.  Sharing the batch lets the rows
+    of one victim share every pass over its large last layer (lowrank.py):
+    LFW's 5,749 x 768 weights stream from memory four times per evaluation,
+    and two columns cost about what one does.  The iDLG rows are padded to
+    DLG's variable size with entries that get no gradient, so they take the
+    same steps up to round-off.  Where the objective cannot mix attacks (a
+    net explicit.py does not write out), the attacks run one after another.
+
+    Args:
+        attacks: The attacks; their configs must agree but for the method.
+        observations: One per victim.
+        seeds: ``seeds[a][i]``: attack a's seed for victim i.
+        snapshots: Per victim, whether to keep its snapshot frames.
+        on_result: ``on_result(attack index, victim index, reconstruction)``
+            as soon as a row finishes.
+        closed_form: A cache of closed-form starts (shared where they agree).
+
+    Returns:
+        ``results[a][i]``.
+    """
+    if len(seeds) != len(attacks) or any(len(s) != len(observations) for s in seeds):
+        raise ValueError("one seed per attack and observation")
+    base = dataclasses.replace(attacks[0].config)
+    if any(a.config != base for a in attacks):
+        raise ValueError("attacks together must share one configuration")
+    closed_form = closed_form or ClosedFormCache()
+    if not observations:
+        return [[] for _ in attacks]
+    learns = {a.learns_labels for a in attacks}
+    if len(attacks) == 1 or len(learns) == 1 or not _mixable(observations[0]):
+        return [
+            attack_batch(
+                a,
+                observations,
+                seeds[k],
+                snapshots=snapshots,
+                closed_form=closed_form,
+                width=len(observations),
+                on_result=None if on_result is None else (lambda i, r, k=k: on_result(k, i, r)),  # type: ignore[misc]
+            )  # fmt: skip
+            for k, a in enumerate(attacks)
+        ]
+    for i, observation in enumerate(observations):
+        require_nonzero_gradient(observation, victim=i if len(observations) > 1 else None)
+    # Rows interleaved by victim: both attacks on victim i are neighbours.
+    order = [(k, i) for i in range(len(observations)) for k in range(len(attacks))]
+    frames = [bool(snapshots and snapshots[i]) for _, i in order]
+
+    def row_done(row: int, result: Reconstruction) -> None:
+        if on_result is not None:
+            on_result(*order[row], result)
+
+    with attack_threads(observations[0].device):
+        results = _attack_rows(
+            [attacks[k] for k, _ in order], [observations[i] for _, i in order],
+            [seeds[k][i] for k, i in order], frames, row_done, len(order),
+            [(None, None)] * len(order), None, closed_form,
+        )  # fmt: skip
+    out: list[list[Reconstruction]] = [[None] * len(observations) for _ in attacks]  # type: ignore[list-item]
+    for (k, i), result in zip(order, results, strict=True):
+        out[k][i] = result
+    return out
+
+
+def _mixable(observation: Observation) -> bool:
+    """Whether rows of several attacks on this architecture can share one objective."""
+    layers = plain_layers(observation.model, tuple(observation.input_shape))
+    return layers is not None and plain_blocks(layers) is not None
+
+
+def _attack_rows(
+    attacks: Sequence[GradientInversion],
     observations: Sequence[Observation],
     seeds: Sequence[int],
     snapshots: Sequence[bool] | None,
     on_result: Callable[[int, Reconstruction], None] | None,
     width: int,
+    given: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+    path: str | None,
+    closed_form: ClosedFormCache,
 ) -> list[Reconstruction]:
-    config = attack.config
-    labels = None
-    if not attack.learns_labels:
-        labels = torch.stack([attack.infer_labels(o).reshape(-1) for o in observations])
-    objective = BatchedObjective(observations, labels, config.dtype)
-    victims = [
-        _Victim(torch.Generator().manual_seed(int(s)), bool(snapshots and snapshots[i]))
-        for i, s in enumerate(seeds)
-    ]
-    z0 = torch.stack([_draw(objective, config, v.generator) for v in victims]).to(
-        objective.device, config.dtype
+    """The engine on rows: row r is `attacks[r]` on `observations[r]` with `seeds[r]`."""
+    config = attacks[0].config
+    learns = torch.tensor([a.learns_labels for a in attacks])
+    labels = learned = None
+    if not bool(learns.all()):
+        labels = torch.stack([
+            torch.zeros(o.batch_size, dtype=torch.long, device=o.device) if a.learns_labels
+            else a.infer_labels(o).reshape(-1)
+            for a, o in zip(attacks, observations, strict=True)
+        ])  # fmt: skip
+        learned = learns.to(labels.device) if bool(learns.any()) else None
+    objective = BatchedObjective(
+        observations, labels, config.dtype, as_published=not config.improved, learned=learned
     )
+    if path is not None:
+        objective.use(path)
+    victims = [
+        _Victim(
+            torch.Generator().manual_seed(int(s)),
+            bool(snapshots and snapshots[i]),
+            label=None if a.learns_labels else labels[i],  # type: ignore[index]
+            learns=a.learns_labels,
+        )  # fmt: skip
+        for i, (s, a) in enumerate(zip(seeds, attacks, strict=True))
+    ]
+    z0 = torch.stack([_draw(objective, config, v.generator, v.learns) for v in victims])
+    z0 = z0.to(objective.device, config.dtype)
     if config.analytic_start:
-        warm = analytic_inputs(observations, labels, dtype=config.dtype)
-        if warm is not None:
-            usable = torch.isfinite(warm.flatten(1)).all(1)
-            for victim, used in zip(victims, usable.tolist(), strict=True):
-                victim.warm = used
-            start = z0[:, : objective.input_size]
-            z0[:, : objective.input_size] = torch.where(usable[:, None], warm.flatten(1), start)
-            if objective.learns_labels:
-                logits = torch.stack([analytic_label_logits(o).flatten() for o in observations])
-                rest = z0[:, objective.input_size :]
-                z0[:, objective.input_size :] = torch.where(usable[:, None], logits.to(rest), rest)
+        _closed_form_start(objective, victims, observations, z0, closed_form, config)
+    # Given starts replace the draws (made all the same, as the sequential engine does).
+    for i, (x0, l0) in enumerate(given):
+        if x0 is not None:
+            victims[i].warm = False
+            z0[i, : objective.input_size] = x0.flatten()
+            if victims[i].learns and l0 is None:
+                z0[i, objective.input_size :] = _draw_again(objective, config, seeds[i])
+        if l0 is not None:
+            z0[i, objective.input_size :] = l0.flatten()
     if config.improved:
-        _improved(attack, objective, victims, z0, labels, on_result)
+        _improved(config, objective, victims, z0, on_result)
     else:
-        _faithful(attack, objective, victims, z0, labels, on_result, max(1, width))
+        _faithful(config, objective, victims, z0, on_result, max(1, width))
     return [v.result for v in victims]  # type: ignore[misc]
 
 
+def _closed_form_start(
+    objective: BatchedObjective,
+    victims: list[_Victim],
+    observations: Sequence[Observation],
+    z0: torch.Tensor,
+    closed_form: ClosedFormCache,
+    config: AttackConfig,
+) -> None:
+    """Rows that have one start from the closed form (DLG's labels consistent with it)."""
+    for learns in (True, False):
+        rows = [i for i, v in enumerate(victims) if v.learns == learns]
+        if not rows:
+            continue
+        labels = None if learns else torch.stack([victims[i].label for i in rows])  # type: ignore[misc]
+        warm = closed_form.inputs([observations[i] for i in rows], labels, dtype=config.dtype)
+        if warm is None:
+            continue
+        usable = torch.isfinite(warm.flatten(1)).all(1)
+        for i, used in zip(rows, usable.tolist(), strict=True):
+            victims[i].warm = used
+            if not used:
+                continue
+            z0[i, : objective.input_size] = warm[rows.index(i)].flatten()
+            if learns:
+                logits = analytic_label_logits(observations[i]).flatten()  # type: ignore[union-attr]
+                z0[i, objective.input_size :] = logits.to(z0)
+
+
 def _draw(
-    objective: BatchedObjective, config: AttackConfig, generator: torch.Generator
+    objective: BatchedObjective,
+    config: AttackConfig,
+    generator: torch.Generator,
+    learns: bool = True,
 ) -> torch.Tensor:
-    # The same draws, in the same order, as the sequential engine: inputs, then logits.
+    # The same draws, in the same order, as the sequential engine: inputs, then
+    # logits; a row that does not learn its labels pads their room with zeros.
     batch = objective.batch_size
     parts = [config.initial_inputs((batch, *objective.input_shape), generator).flatten()]
     if objective.learns_labels:
-        parts.append(torch.randn((batch, objective.num_classes), generator=generator).flatten())
+        size = (batch, objective.num_classes)
+        parts.append(
+            torch.randn(size, generator=generator).flatten()
+            if learns
+            else torch.zeros(size).flatten()
+        )
     return torch.cat(parts)
+
+
+def _draw_again(objective: BatchedObjective, config: AttackConfig, seed: int) -> torch.Tensor:
+    """The label logits `_draw` gives for `seed` (where a closed-form start replaced them)."""
+    return _draw(objective, config, torch.Generator().manual_seed(int(seed)))[
+        objective.input_size :
+    ]
 
 
 def _finish(
@@ -181,41 +348,58 @@ def _snapshot(victim: _Victim, objective: BatchedObjective, step: int, z: torch.
 
 
 def _faithful(
-    attack: GradientInversion,
+    config: AttackConfig,
     objective: BatchedObjective,
     victims: list[_Victim],
     z0: torch.Tensor,
-    labels: torch.Tensor | None,
     on_result: Callable[[int, Reconstruction], None] | None,
     width: int,
 ) -> None:
-    config = attack.config
-    out_dtype = torch.float32
+    out_dtype = objective.output_dtype  # the client's, as the sequential engine returns
     rows = torch.arange(min(width, len(victims)), device=z0.device)  # victim index of each row
     waiting = torch.arange(len(rows), len(victims), device=z0.device)
-    optimiser = FaithfulLBFGS(
-        z0[rows], lr=config.lr, history=config.history_size, max_iter=config.max_iter
-    )
+    options = {"lr": config.lr, "history": config.history_size, "max_iter": config.max_iter}
+    learns = torch.tensor([v.learns for v in victims], device=z0.device)
+    optimiser: FaithfulLBFGS | SplitLBFGS
+    if objective.learns_labels and not bool(learns.all()):
+        # Rows of DLG and iDLG: each kind on its own variable's size.
+        assert not len(waiting), "rows of two sizes start together"
+        optimiser = SplitLBFGS(z0[rows], ~learns, objective.input_size, **options)  # type: ignore[arg-type]
+    else:
+        optimiser = FaithfulLBFGS(z0[rows], **options)  # type: ignore[arg-type]
     objective.select(rows)
     steps = torch.zeros(len(rows), dtype=torch.long, device=z0.device)
     while rows.numel():
         loss, g = objective(optimiser.z)
         for r in rows.tolist():
             victims[r].evaluations += 1
+        # The published loop (see dlg._published_steps): after step k the loss
+        # at the point reached, checked at k = 0, 10, 20, ...; here that loss is
+        # the evaluation that starts the next step, at `steps` = k + 1.
         start = optimiser.at_step_start
-        finite = torch.isfinite(loss)
         at_end = steps == config.iterations
-        check = (steps % config.check_every == 0) & (loss < config.tolerance)
-        done = start & (~finite | at_end | check)
+        checked = (steps >= 1) & ((steps - 1) % config.check_every == 0)
+        converged = checked & (loss < config.tolerance)
+        # NaN for good (see _published_steps): every entry of the row's own
+        # variable, which for a row that reads its labels ends at the input.
+        z = optimiser.z
+        dead = torch.isnan(z[:, : objective.input_size]).all(1)
+        if objective.learns_labels:
+            logits_dead = torch.isnan(z[:, objective.input_size :]).all(1)
+            dead &= logits_dead | ~learns[rows]
+        done = start & (at_end | converged | dead)
         for i in start.nonzero().flatten().tolist():
             victim, k = victims[int(rows[i])], int(steps[i])
             if k % config.snapshot_every == 0:
                 _snapshot(victim, objective, k, optimiser.z[i])
             value = float(loss[i])
-            if math.isfinite(value):
+            if k >= 1:
                 victim.history.append(value)
             if bool(done[i]):
-                label = labels[rows[i]].reshape(-1) if labels is not None else None
+                if bool(dead[i]) and not bool(converged[i]):
+                    victim.history.extend([math.nan] * (config.iterations - k))
+                    k = config.iterations
+                label = victim.label.reshape(-1) if victim.label is not None else None
                 _finish(victim, objective, optimiser.z[i], value, label, steps=k,
                         tolerance=config.tolerance, dtype=out_dtype)  # fmt: skip
                 if on_result is not None:
@@ -242,14 +426,12 @@ def _faithful(
 
 
 def _improved(
-    attack: GradientInversion,
+    config: AttackConfig,
     objective: BatchedObjective,
     victims: list[_Victim],
     z0: torch.Tensor,
-    labels: torch.Tensor | None,
     on_result: Callable[[int, Reconstruction], None] | None,
 ) -> None:
-    config = attack.config
     per_step = config.max_iter  # inner iterations that make one reported "step"
     budget = config.iterations * per_step
     patience = config.patience * per_step
@@ -294,9 +476,9 @@ def _improved(
                     _snapshot(victim, objective, step, optimiser.z[i])
             out_of_restarts = victim.restarts >= config.max_restarts
             if bool(done[i]) or (bool(restart[i]) and out_of_restarts):
-                label = labels[rows[i]].reshape(-1) if labels is not None else None
+                label = victim.label.reshape(-1) if victim.label is not None else None
                 _finish(victim, objective, optimiser.z[i], value, label, steps=step,
-                        tolerance=float(tolerance[i]), dtype=torch.float32)  # fmt: skip
+                        tolerance=float(tolerance[i]), dtype=objective.output_dtype)  # fmt: skip
                 done[i] = True
                 if on_result is not None:
                     on_result(int(rows[i]), victim.result)  # type: ignore[arg-type]
@@ -306,7 +488,8 @@ def _improved(
                 victim.restarts += 1
                 victim.warm = False
                 victim.snapshots.clear()
-                fresh = _draw(objective, config, victim.generator).to(z0.device, z0.dtype)
+                fresh = _draw(objective, config, victim.generator, victim.learns)
+                fresh = fresh.to(z0.device, z0.dtype)
                 mask = torch.zeros_like(done)
                 mask[i] = True
                 optimiser.restart(mask, fresh.expand_as(optimiser.z))

@@ -5,22 +5,29 @@ gradient with ``create_graph=True`` and then for that gradient's gradient in
 the dummy.  This module computes the same two derivatives by hand, for the
 nets `plain_layers` accepts (convolutions and linear layers, each optionally
 followed by a sigmoid or tanh, with a flatten before the first linear
-layer): no autograd graph is recorded, every unfolded patch matrix is built
-once and reused by the forward pass, the weight gradient and the adjoint
-pass, and the layouts are chosen so that no step copies a tensor only to
-reorder it.  Per LeNet victim it costs 1.5-2.5x less than the autograd
-path and 1.5-4x less than the vmapped one (bench/objective.py, BENCHMARKS.md);
-tests compare it with the vmapped objective to round-off.
+layer), for many victims at once, with no autograd graph:
 
-Notation, per victim (every tensor carries the victims on its first axis):
-block l maps its input ``a[l-1]`` to columns ``P_l(a[l-1])`` (the unfolded
-patches of a convolution, or the flattened features of a linear layer),
-pre-activations ``u[l] = W_l P_l(a[l-1]) + b_l`` and ``a[l] = act(u[l])``.
-The client's backward pass gives ``e[l] = dCE/du[l]``, the weight gradient
-``dW_l = e[l] P_l(a[l-1])^T`` and ``db_l = sum e[l]``.  The matching loss is
-``sum_l |dW_l - G_l|^2 + |db_l - Gb_l|^2``; its gradient in the dummy comes
-from running the backward pass backwards (stage A, first block to last) and
-then the forward pass backwards (stage B, last block to first).
+- a convolution runs as one grouped convolution over all victims (each
+  victim's weights a group; activations are laid out ``(B, V*C, H, W)``), its
+  weight and input gradients as torch's convolution backward, so every
+  product of the objective runs in the library's convolution kernels;
+- a linear layer never forms its weight gradient: lowrank.py computes its
+  part of the distance and of the derivatives from the outer-product
+  structure (B-column products with the weights and the shared gradient).
+
+Tests compare it with the vmapped objective to round-off (test_layered.py,
+test_lowrank.py); bench/objective.py and bench/flops.py time it.
+
+Notation, per victim: block l maps its input ``a[l-1]`` to pre-activations
+``u[l] = W_l * a[l-1] + b_l`` (a convolution or a matrix product) and ``a[l] =
+act(u[l])``.  The client's backward pass gives ``e[l] = dCE/du[l]``, the
+weight gradient ``dW_l = e[l] (x) a[l-1]`` (the convolution's weight gradient,
+or the outer product) and ``db_l = sum e[l]``.  The matching loss is ``sum_l
+|dW_l - G_l|^2 + |db_l - Gb_l|^2``; its gradient in the dummy comes from
+running the backward pass backwards (stage A, first block to last) and then
+the forward pass backwards (stage B, last block to first).  With ``R_l =
+dW_l - G_l``: stage A needs ``conv(a[l-1], R_l)`` (a linear layer's ``R h``)
+and stage B the input gradient of ``e[l]`` through ``R_l`` (``R^T e``).
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from gradleak.attacks.layered import Layer
+from gradleak.attacks.lowrank import Matrices, SharedGradient
+from gradleak.types import Observation
 
 
 @dataclass(frozen=True)
@@ -97,180 +106,294 @@ def _slopes(name: str, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, -2 * a * first
 
 
-# A product with at most this many columns on the right is a batch of
-# matrix-times-vector products (a linear layer: one column per example).
-FEW_COLUMNS = 4
+# Convolutions run on channels-last tensors (NHWC in memory): on the 2-core
+# CPU the grouped kernels of LeNet's shapes ran 1.1-3.6x faster so than on
+# NCHW ones, most for weight gradients and the 1- and 3-channel first layer
+# (bench/flops.py times the whole evaluation).
+LAYOUT = torch.channels_last
 
 
-def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a (V, M, K) @ b (V, K, N)`` in the form the CPU runs fastest.
-
-    bench/products.py times both forms.  With 16 victims of a 100 x 768 layer
-    on the 2-core CPU: ``W @ x`` for one column x took 1.7 ms as a batched
-    matrix product and 0.56 ms as ``(x^T W^T)^T``; ``W^T @ e`` 2.3 ms against
-    0.19 ms as ``(e^T W)^T``; an outer product (K = 1) 2.3 ms against 0.14 ms
-    as a broadcast multiply.  For convolutions' shapes the plain product is best.
-    """
-    if b.shape[1] == 1:
-        return a * b
-    if b.shape[2] <= FEW_COLUMNS:
-        return torch.bmm(b.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
-    return torch.bmm(a, b)
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=LAYOUT)
 
 
-@dataclass(frozen=True)
-class _Site:
-    """Where a block sits: its input's shape per victim (C, B, H, W) and its kernel.
+@dataclass
+class _Conv:
+    """A convolution block's victims, grouped: weights ``(V*O, C, k, k)``, biases ``(V, O)``.
 
-    Activations are kept as ``(V, C, B*H*W)``, the layout a block's output
-    ``W @ columns`` comes out in, so no step reorders them.
+    Weights and shared weight gradients are kept in the layout of a grouped
+    convolution's weight (victim v's filters are rows ``v*O .. v*O + O - 1``).
     """
 
     block: Block
-    channels: int
-    batch: int
-    height: int
-    width: int
-    kernel: tuple[int, int] = (1, 1)
+    victims: int
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    target: torch.Tensor  # the shared weight gradients, as `weight`
+    target_bias: torch.Tensor | None
 
-    def output_shape(self, out_channels: int) -> tuple[int, int, int, int]:
-        """(C, B, H, W) of this block's output, the next block's input."""
-        if self.block.kind == "linear":
-            return out_channels, self.batch, 1, 1
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.block.stride, self.block.padding
-        rows = (self.height + 2 * ph - kh) // sh + 1
-        cols = (self.width + 2 * pw - kw) // sw + 1
-        return out_channels, self.batch, rows, cols
+    def select(self, rows: torch.Tensor) -> _Conv:
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            per_victim = t.reshape(self.victims, -1, *t.shape[1:])[rows]
+            return _channels_last(per_victim.flatten(0, 1))
 
-    def columns(self, a: torch.Tensor) -> torch.Tensor:
-        """``P``: the input ``(V, C, B*H*W)`` as the columns the weight multiplies.
-
-        A convolution's are its patches ``(V, C*kh*kw, B*h*w)``; a linear
-        layer's the flattened features ``(V, C*H*W, B)``, each example's in
-        torch's flatten order.
-        """
-        victims = a.shape[0]
-        if self.block.kind == "linear":
-            image = a.reshape(victims, self.channels, self.batch, self.height * self.width)
-            return image.transpose(2, 3).reshape(victims, -1, self.batch)
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.block.stride, self.block.padding
-        image = a.reshape(victims, self.channels, self.batch, self.height, self.width)
-        patches = F.pad(image, (pw, pw, ph, ph)).unfold(3, kh, sh).unfold(4, kw, sw)
-        # (V, C, B, h, w, kh, kw) -> (V, C, kh, kw, B, h, w): one copy.
-        patches = patches.permute(0, 1, 5, 6, 2, 3, 4)
-        return patches.reshape(victims, self.channels * kh * kw, -1)
-
-    def adjoint(self, columns: torch.Tensor) -> torch.Tensor:
-        """``P^T``: columns summed back onto the input's layout ``(V, C, B*H*W)``."""
-        victims, rows, total = columns.shape
-        if self.block.kind == "linear":
-            image = columns.reshape(victims, self.channels, self.height * self.width, self.batch)
-            return image.transpose(2, 3).reshape(victims, self.channels, -1)
-        per_example = columns.reshape(victims, rows, self.batch, total // self.batch)
-        images = F.fold(
-            per_example.transpose(1, 2).reshape(victims * self.batch, rows, -1),
-            (self.height, self.width), self.kernel,
-            padding=self.block.padding, stride=self.block.stride,
+        bias, target_bias = self.bias, self.target_bias
+        return _Conv(
+            self.block, len(rows), pick(self.weight), None if bias is None else bias[rows],
+            pick(self.target), None if target_bias is None else target_bias[rows],
         )  # fmt: skip
-        images = images.reshape(victims, self.batch, self.channels, -1).transpose(1, 2)
-        return images.reshape(victims, self.channels, -1)
+
+    def per_victim(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor in the weights' layout as ``(V, O, C, k, k)`` (a view)."""
+        return t.reshape(self.victims, -1, *t.shape[1:])
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        """The block's pre-activations: each victim's convolution and bias."""
+        return self.convolve(a, self.weight, self.bias)
+
+    def convolve(
+        self, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The grouped convolution of ``a (B, V*C, H, W)`` with each victim's `weight`."""
+        return F.conv2d(
+            a, weight, None if bias is None else bias.flatten(),
+            stride=self.block.stride, padding=self.block.padding, groups=self.victims,
+        )  # fmt: skip
+
+    def backward(
+        self, e: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, *, data: bool, grad: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Input gradient of ``e`` through `weight` and/or weight gradient of ``(a, e)``."""
+        return torch.ops.aten.convolution_backward(
+            e, a, weight, None, list(self.block.stride), list(self.block.padding), [1, 1],
+            False, [0, 0], self.victims, [data, grad, False],
+        )[:2]  # fmt: skip
 
 
-def explicit_matching(
-    blocks: Sequence[Block],
-    params: dict[str, torch.Tensor],
-    targets: dict[str, torch.Tensor],
+@dataclass
+class _Linear:
+    """A linear block's victims: weights through products, the shared gradient's structure."""
+
+    block: Block
+    weight: Matrices
+    bias: torch.Tensor | None
+    shared: SharedGradient
+    target_bias: torch.Tensor | None
+
+    def select(self, rows: torch.Tensor) -> _Linear:
+        bias, target_bias = self.bias, self.target_bias
+        return _Linear(
+            self.block, self.weight.select(rows), None if bias is None else bias[rows],
+            self.shared.select(rows), None if target_bias is None else target_bias[rows],
+        )  # fmt: skip
+
+
+class ExplicitMatching:
+    """The matching objective of V victims of one plain net, prepared once.
+
+    Args:
+        blocks: `plain_blocks` of the architecture.
+        observations: One per victim (the weights and shared gradients differ).
+        dtype: The precision to compute in.
+        as_published: Learned labels through the published soft-label
+            expression: a victim whose dummy softmax has an entry so small
+            that ``target / p`` is not finite gets a NaN loss and gradient,
+            as the published ``log(softmax(.))`` gives (matching.py).
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[Block],
+        observations: Sequence[Observation],
+        dtype: torch.dtype,
+        *,
+        as_published: bool = False,
+    ) -> None:
+        first = observations[0]
+        self.blocks = list(blocks)
+        self.batch_size = first.batch_size
+        self.input_shape = tuple(first.input_shape)
+        self.as_published = as_published
+        self.layers: list[_Conv | _Linear] = []
+        named = [dict(o.model.named_parameters()) for o in observations]
+        for block in self.blocks:
+            weights = [n[block.weight].detach() for n in named]
+            targets = [o.gradient(block.weight) for o in observations]
+            bias = target_bias = None
+            if block.bias is not None:
+                bias = _stack([n[block.bias] for n in named], dtype)
+                target_bias = _stack([o.gradient(block.bias) for o in observations], dtype)
+            if block.kind == "conv":
+                grouped = [
+                    _channels_last(_stack(t, dtype).flatten(0, 1)) for t in (weights, targets)
+                ]
+                self.layers.append(_Conv(
+                    block, len(observations), grouped[0], bias, grouped[1], target_bias
+                ))  # fmt: skip
+            else:
+                self.layers.append(_Linear(
+                    block, Matrices(weights, dtype), bias,
+                    SharedGradient(targets, self.batch_size), target_bias,
+                ))  # fmt: skip
+
+    def select(self, rows: torch.Tensor) -> ExplicitMatching:
+        """The victims `rows` (indices) only; large weights are shared, not copied."""
+        out = ExplicitMatching.__new__(ExplicitMatching)
+        out.blocks, out.batch_size = self.blocks, self.batch_size
+        out.input_shape, out.as_published = self.input_shape, self.as_published
+        out.layers = [layer.select(rows) for layer in self.layers]
+        return out
+
+    def __call__(
+        self,
+        z: torch.Tensor,
+        labels: torch.Tensor | None,
+        learned: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each victim's matching loss ``(V,)`` and its gradient in ``z`` ``(V, size)``.
+
+        `labels` ``(V, B)`` are known labels, or None when the labels are
+        learned: then ``z`` ends with each victim's label logits.  With
+        `learned` ``(V,)``, the rows it marks learn theirs and the others
+        use `labels`; every row's ``z`` has the logits' room, the known
+        rows' unused (their gradient there is zero).
+        """
+        return _evaluate(self, z, labels, learned)
+
+
+def _stack(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.stack([t.detach().to(dtype) for t in tensors])
+
+
+def _to_columns(a: torch.Tensor, victims: int) -> torch.Tensor:
+    """A convolution's output ``(B, V*C, H, W)`` as linear inputs ``(V, C*H*W, B)``.
+
+    Each example's features in torch's flatten order; a free view for one example.
+    """
+    batch = a.shape[0]
+    if batch == 1:
+        return a.reshape(victims, -1, 1)
+    return a.reshape(batch, victims, -1).permute(1, 2, 0)
+
+
+def _to_images(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Linear inputs' gradient ``(V, F, B)`` back to the convolution layout of `like`."""
+    if like.shape[0] == 1:
+        return _channels_last(g.reshape(like.shape))
+    return _channels_last(g.permute(2, 0, 1).reshape(like.shape))
+
+
+def _evaluate(
+    objective: ExplicitMatching,
     z: torch.Tensor,
     labels: torch.Tensor | None,
-    *,
-    batch_size: int,
-    input_shape: tuple[int, ...],
+    learned: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each victim's matching loss ``(V,)`` and its gradient in ``z`` ``(V, size)``.
+    layers, batch = objective.layers, objective.batch_size
+    victims, count = z.shape[0], len(layers)
+    channels = objective.input_shape[0]
+    input_size = batch * math.prod(objective.input_shape)
+    x = z[:, :input_size].reshape(victims, batch, -1)
 
-    The same numbers as `stacked_matching` (and `BatchedObjective._one`), up
-    to round-off.  `labels` ``(V, B)`` are known labels, or None when the
-    labels are learned: then ``z`` ends with each victim's label logits.
-    """
-    victims, count = z.shape[0], len(blocks)
-    channels, height, width = input_shape
-    input_size = batch_size * math.prod(input_shape)
-    x = z[:, :input_size].reshape(victims, batch_size, channels, height * width)
-    weights = [params[b.weight].flatten(2) for b in blocks]  # (V, O, C*kh*kw)
-
-    # Forward.  Each block's site and columns are kept: the weight gradient
-    # and both adjoint stages reuse them.
-    a = x.transpose(1, 2).reshape(victims, channels, -1)  # (V, C, B*H*W)
-    sites: list[_Site] = []
-    columns: list[torch.Tensor] = []
+    # Forward.  Each block's input is kept (in its own layout): the weight
+    # gradient and both adjoint stages use it.
+    if isinstance(layers[0], _Conv):
+        a = x.transpose(0, 1).reshape(batch, victims * channels, *objective.input_shape[1:])
+        a = _channels_last(a)
+    else:
+        a = x.transpose(1, 2)  # (V, D, B)
+    inputs: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
-    shape = (channels, batch_size, height, width)
-    for block, weight in zip(blocks, weights, strict=True):
-        kernel = tuple(params[block.weight].shape[-2:]) if block.kind == "conv" else (1, 1)
-        site = _Site(block, *shape, kernel=kernel)  # type: ignore[arg-type]
-        sites.append(site)
-        columns.append(site.columns(a))
-        u = _product(weight, columns[-1])  # (V, O, N)
-        if block.bias is not None:
-            u = u + params[block.bias][:, :, None]
-        a = _ACTIVATIONS[block.activation](u) if block.activation else u
+    for layer in layers:
+        if isinstance(layer, _Linear):
+            if a.dim() == 4:
+                a = _to_columns(a, victims)
+            inputs.append(a)
+            u = layer.weight.times(a)
+            if layer.bias is not None:
+                u = u + layer.bias[:, :, None]
+        else:
+            inputs.append(a)
+            u = layer.forward(a)
+        activation = layer.block.activation
+        a = _ACTIVATIONS[activation](u) if activation else u
         outputs.append(a)
-        shape = site.output_shape(weight.shape[1])
 
     # The client's loss: cross-entropy, the mean over each victim's batch.
     probabilities = torch.softmax(outputs[-1], dim=1)  # logits (V, K, B)
-    if labels is None:
-        label_logits = z[:, input_size:].reshape(victims, batch_size, -1).transpose(1, 2)
+    bad = None
+    if labels is None or learned is not None:
+        label_logits = z[:, input_size:].reshape(victims, batch, -1).transpose(1, 2)
         soft = torch.softmax(label_logits, dim=1)
-    else:
-        soft = torch.zeros_like(probabilities).scatter_(1, labels.reshape(victims, 1, -1), 1.0)
-    top = (probabilities - soft) / batch_size  # dCE/dlogits
+        if objective.as_published:
+            bad = ~torch.isfinite(soft / batch / probabilities).flatten(1).all(1)
+            if learned is not None:
+                bad = bad & learned
+    if labels is not None:
+        known = torch.zeros_like(probabilities).scatter_(1, labels.reshape(victims, 1, -1), 1.0)
+        soft = known if learned is None else torch.where(learned[:, None, None], soft, known)
+    top = (probabilities - soft) / batch  # dCE/dlogits
 
-    # Backward: dCE/da and e = dCE/du of every block, the weight gradients,
-    # and their distance to the shared ones (the loss) with its derivative.
+    # Backward: dCE/da and e = dCE/du of every block, the weight gradients'
+    # distance to the shared ones (the loss), and what the adjoint stages need.
     slopes = [
-        _slopes(b.activation, o) if b.activation else None
-        for b, o in zip(blocks, outputs, strict=True)
+        _slopes(layer.block.activation, o) if layer.block.activation else None
+        for layer, o in zip(layers, outputs, strict=True)
     ]
     upstream: list[torch.Tensor] = [top] * count  # dCE/da
     errors: list[torch.Tensor] = [top] * count  # dCE/du
-    # dW - G and db - Gb.  The loss's derivative in them is twice that; the
-    # adjoint stages are linear in it, so they run on the differences and the
-    # factor 2 goes on the result (one small tensor, not every large one).
-    residual_w: list[torch.Tensor] = [top] * count
+    # The loss's derivative in dW and db is twice R and rb; the adjoint stages
+    # are linear in it, so they run on R and rb and the factor 2 goes on the result.
+    residual: list[torch.Tensor] = [top] * count  # conv: R (V, O, C, k, k); linear: R h
+    residual_t: list[torch.Tensor | None] = [None] * count  # linear: R^T e
     residual_b: list[torch.Tensor | None] = [None] * count
-    loss = z.new_zeros(victims)
+    loss = z.new_zeros(victims, dtype=torch.float64)
     grad_a = top
     for i in range(count - 1, -1, -1):
-        block, slope = blocks[i], slopes[i]
+        layer, slope = layers[i], slopes[i]
         upstream[i] = grad_a
-        errors[i] = grad_a * slope[0] if slope is not None else grad_a
-        # A last layer of many classes makes these the largest tensors: every
-        # extra pass over them costs, hence in place and a norm for the sum.
-        difference = _product(errors[i], columns[i].transpose(1, 2))
-        difference = difference.sub_(targets[block.weight].flatten(2))
-        loss = loss + torch.linalg.vector_norm(difference.flatten(1), dim=1).square()
-        residual_w[i] = difference
-        if block.bias is not None:
-            bias_difference = errors[i].sum(2) - targets[block.bias]
+        e = grad_a * slope[0] if slope is not None else grad_a
+        errors[i] = e
+        if isinstance(layer, _Linear):
+            part, residual[i], residual_t[i] = layer.shared.terms(e, inputs[i])
+            loss = loss + part
+            bias_sum = e.sum(2)
+            if i > 0:
+                grad_a = layer.weight.transposed_times(e)
+                if isinstance(layers[i - 1], _Conv):
+                    grad_a = _to_images(grad_a, outputs[i - 1])
+        else:
+            data, weight_grad = layer.backward(e, inputs[i], layer.weight, data=i > 0, grad=True)
+            difference = weight_grad - layer.target  # type: ignore[operator]
+            loss = loss + (difference * difference).sum((1, 2, 3)).reshape(victims, -1).sum(1)
+            residual[i] = difference
+            bias_sum = e.sum((0, 2, 3)).reshape(victims, -1)
+            if i > 0:
+                grad_a = data  # type: ignore[assignment]
+        if layer.target_bias is not None:
+            bias_difference = bias_sum - layer.target_bias
             loss = loss + bias_difference.pow(2).sum(1)
             residual_b[i] = bias_difference
-        if i > 0:
-            grad_a = sites[i].adjoint(_product(weights[i].transpose(1, 2), errors[i]))
 
-    # Stage A: the backward pass run backwards, first block to last.  `bar_x`
-    # is the loss's derivative in x; the derivative in u through the
-    # activation's slope is kept for stage B, as is the columns' one.
+    # Stage A: the backward pass run backwards, first block to last.  `bar_e`
+    # is the loss's derivative in e[l]; what goes through the activation's
+    # slope into u[l] is kept for stage B.
     bar_u: list[torch.Tensor | None] = [None] * count
-    bar_columns: list[torch.Tensor] = [top] * count
-    bar_grad_a: torch.Tensor | None = None
-    for i, site in enumerate(sites):
-        bar_e = _product(residual_w[i], columns[i])
-        if residual_b[i] is not None:
-            bar_e = bar_e + residual_b[i][:, :, None]  # type: ignore[index]
-        if bar_grad_a is not None:  # e[i] made the previous block's dCE/da
-            bar_e = bar_e + _product(weights[i], site.columns(bar_grad_a))
-        bar_columns[i] = _product(residual_w[i].transpose(1, 2), errors[i])
+    bar_grad_a: torch.Tensor | None = None  # the derivative in the previous block's dCE/da
+    for i, layer in enumerate(layers):
+        rb = residual_b[i]
+        if isinstance(layer, _Linear):
+            bar_e = residual[i]
+            if rb is not None:
+                bar_e = bar_e + rb[:, :, None]
+            if bar_grad_a is not None:  # e[i] made the previous block's dCE/da
+                if bar_grad_a.dim() == 4:
+                    bar_grad_a = _to_columns(bar_grad_a, victims)
+                bar_e = bar_e + layer.weight.times(bar_grad_a)
+        else:
+            bar_e = layer.convolve(inputs[i], residual[i], rb)
+            if bar_grad_a is not None:
+                bar_e = bar_e + layer.convolve(bar_grad_a, layer.weight)
         slope = slopes[i]
         if slope is not None:
             bar_u[i] = bar_e * upstream[i] * slope[1]
@@ -279,23 +402,37 @@ def explicit_matching(
             bar_grad_a = bar_e
     assert bar_grad_a is not None
     # dCE/dlogits = (softmax(logits) - soft) / B, differentiated in both.
-    bar_top = bar_grad_a / batch_size
+    bar_top = bar_grad_a / batch
     bar_logits = probabilities * (bar_top - (probabilities * bar_top).sum(1, keepdim=True))
 
     # Stage B: the forward pass run backwards, last block to first.
     bar_a = bar_logits
     for i in range(count - 1, -1, -1):
-        slope = slopes[i]
+        layer, slope = layers[i], slopes[i]
         bar = bar_a * slope[0] if slope is not None else bar_a
         if bar_u[i] is not None:
             bar = bar + bar_u[i]
-        total = bar_columns[i] + _product(weights[i].transpose(1, 2), bar)
-        bar_a = sites[i].adjoint(total)
+        if isinstance(layer, _Linear):
+            bar_a = residual_t[i] + layer.weight.transposed_times(bar)  # type: ignore[operator]
+            if i > 0 and isinstance(layers[i - 1], _Conv):
+                bar_a = _to_images(bar_a, outputs[i - 1])
+        else:
+            through_w, _ = layer.backward(bar, inputs[i], layer.weight, data=True, grad=False)
+            through_r, _ = layer.backward(errors[i], inputs[i], residual[i], data=True, grad=False)
+            bar_a = through_w + through_r  # type: ignore[operator]
 
-    gradient = bar_a.reshape(victims, channels, batch_size, -1).transpose(1, 2)
-    gradient = gradient.reshape(victims, -1)
-    if labels is None:
+    if bar_a.dim() == 4:
+        gradient = bar_a.reshape(batch, victims, -1).transpose(0, 1).reshape(victims, -1)
+    else:
+        gradient = bar_a.transpose(1, 2).reshape(victims, -1)
+    if labels is None or learned is not None:
         bar_soft = -bar_top
         bar_label = soft * (bar_soft - (soft * bar_soft).sum(1, keepdim=True))
+        if learned is not None:  # known labels are no variable: nothing moves there
+            bar_label = bar_label * learned[:, None, None]
         gradient = torch.cat((gradient, bar_label.transpose(1, 2).reshape(victims, -1)), 1)
-    return loss, 2 * gradient
+    loss, gradient = loss.to(z.dtype), 2 * gradient
+    if bad is not None and bool(bad.any()):
+        loss = torch.where(bad, math.nan, loss)
+        gradient = torch.where(bad[:, None], math.nan, gradient)
+    return loss, gradient

@@ -183,6 +183,7 @@ def stacked_matching(
     *,
     batch_size: int,
     input_shape: tuple[int, ...],
+    as_published: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each victim's matching loss ``(V,)`` and its gradient in ``z`` ``(V, size)``.
 
@@ -199,9 +200,9 @@ def stacked_matching(
         logits = stacked_forward(layers, leaves, x)
         if labels is None:
             label_logits = z[:, input_size:].reshape(victims * batch_size, -1)
-            per_example = soft_label_cross_entropy(logits.flatten(0, 1), label_logits) * (
-                victims * batch_size
-            )
+            per_example = soft_label_cross_entropy(
+                logits.flatten(0, 1), label_logits, as_published=as_published
+            ) * (victims * batch_size)
         else:
             per_example = F.cross_entropy(logits.flatten(0, 1), labels.reshape(-1), reduction="sum")
         client_losses = per_example / batch_size  # the sum over victims of their means

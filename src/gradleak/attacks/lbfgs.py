@@ -65,9 +65,25 @@ class _Memory:
         self.vectors[rows] = 0
         self.products_matrix[rows] = 0
 
+    def used(self) -> int:
+        """Slots in use by any problem: until a problem's buffer wraps around, its
+        pairs sit in slots 0 .. count - 1, so the rest of every buffer is zero."""
+        return int(self.count.max()) if len(self.count) else 0
+
     def products(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``(n, k, D)`` vectors against every stored s and y: ``(n, k, 2m)``, one pass."""
-        return _dots(vectors, self.vectors)
+        """``(n, k, D)`` vectors against every stored s and y: ``(n, k, 2m)``, one pass.
+
+        Only the slots in use are read (a run that stops after a few pairs,
+        as improved mode's mostly do, never reads its 100-pair buffer whole).
+        """
+        m, used = self.history, self.used()
+        if used == m:
+            return _dots(vectors, self.vectors)
+        out = vectors.new_zeros(vectors.shape[0], vectors.shape[1], 2 * m)
+        if used:
+            out[:, :, :used] = _dots(vectors, self.vectors[:, :used])
+            out[:, :, m : m + used] = _dots(vectors, self.vectors[:, m : m + used])
+        return out
 
     def push(
         self,
@@ -137,21 +153,24 @@ class _Memory:
             g_products: ``products(g[:, None])[:, 0]`` with the current buffer,
                 when the caller has it.
         """
-        n, m = g.shape[0], self.history
-        order = torch.arange(m, device=g.device)
+        n, m, k = g.shape[0], self.history, self.used()
+        if k == 0:
+            return -h_diag[:, None] * g
+        # Logical positions 0 .. k - 1 only: no problem has more pairs.
+        order = torch.arange(k, device=g.device)
         # Logical position j (0 = oldest) lives in slot (head - count + j) mod m.
         slots = (self.head - self.count)[:, None].add(order) % m
         valid = order[None, :] < self.count[:, None]
         pair = valid[:, :, None] & valid[:, None, :]
         # Both product matrices reordered to logical positions in one gather.
-        flat = (slots[:, :, None] * m + slots[:, None, :]).reshape(n, 1, m * m)
-        both = torch.gather(self.products_matrix.flatten(2), 2, flat.expand(n, 2, m * m))
-        both = both.reshape(n, 2, m, m) * pair[:, None]
+        flat = (slots[:, :, None] * m + slots[:, None, :]).reshape(n, 1, k * k)
+        both = torch.gather(self.products_matrix.flatten(2), 2, flat.expand(n, 2, k * k))
+        both = both.reshape(n, 2, k, k) * pair[:, None]
         sy, yy = both[:, 0], both[:, 1]
         if g_products is None:
             g_products = self.products(g.unsqueeze(1))[:, 0]
         uw = torch.gather(g_products, 1, torch.cat((slots, slots + m), 1))
-        u, w = uw[:, :m] * valid, uw[:, m:] * valid  # g . s_j and g . y_j
+        u, w = uw[:, :k] * valid, uw[:, k:] * valid  # g . s_j and g . y_j
         gamma = h_diag[:, None]
         # R: upper triangle of S^T Y; unused positions get a unit diagonal.
         r = torch.triu(sy) + torch.diag_embed((~valid).to(g.dtype))
@@ -166,8 +185,13 @@ class _Memory:
         coefficients = torch.zeros(n, 2 * m, dtype=g.dtype, device=g.device).scatter_(
             1, torch.cat((slots, slots + m), 1), torch.cat((top * valid, gamma * bottom * valid), 1)
         )
-        hg = gamma * g + torch.bmm(coefficients.unsqueeze(1), self.vectors).squeeze(1)
-        return -hg
+        if k == m:
+            combined = torch.bmm(coefficients.unsqueeze(1), self.vectors)
+        else:  # the slots in use: 0 .. k - 1 of s and of y
+            combined = torch.bmm(coefficients[:, None, :k], self.vectors[:, :k]) + torch.bmm(
+                coefficients[:, None, m : m + k], self.vectors[:, m : m + k]
+            )
+        return -(gamma * g + combined.squeeze(1))
 
 
 def _keep_rows(state: object, rows: torch.Tensor, names: tuple[str, ...]) -> None:
@@ -270,7 +294,10 @@ class FaithfulLBFGS:
         self.d = torch.where(go[:, None], direction, self.d)
         self.prev_g = torch.where(go[:, None], g, self.prev_g)
         self.prev_loss = torch.where(go, loss, self.prev_loss)
-        first_t = torch.clamp(1.0 / g.abs().sum(-1), max=1.0) * self.lr
+        # torch's ``min(1.0, 1 / |g|_1)``: Python's min keeps 1.0 unless the
+        # other is smaller, so a NaN gradient gives 1.0 (clamp would give NaN).
+        inverse = 1.0 / g.abs().sum(-1)
+        first_t = torch.where(inverse < 1.0, inverse, 1.0) * self.lr
         self.t = torch.where(first, first_t, torch.where(go, self.lr, self.t))
         gtd = (g * self.d).sum(-1)
         no_descent = go & (gtd > -TOLERANCE_CHANGE)
@@ -372,3 +399,80 @@ class RobustLBFGS:
         self.t = torch.where(mask, torch.where(steepest, first_t, self.lr), self.t)
         self.gtd = torch.where(mask, (self.g * self.d).sum(-1), self.gtd)
         self.trials = torch.where(mask, 0, self.trials)
+
+
+class SplitLBFGS:
+    """`FaithfulLBFGS` for rows of two sizes, behind one interface (no refills).
+
+    A batch of DLG and iDLG rows (attack_together) has DLG's variables,
+    input and label logits, for every row; an iDLG row's own variable is the
+    input alone.  Padding it would give every iDLG row DLG's L-BFGS memory
+    (LFW: 100 pairs of 8,821 entries instead of 3,072) and the passes over it;
+    here each kind of row has its own optimiser of its own size, and the
+    batch sees the padded points.
+
+    Args:
+        z: Every row's start, ``(n, size)``.
+        narrow: Rows whose variable is the first `prefix` entries only.
+        prefix: Their size.
+    """
+
+    def __init__(
+        self,
+        z: torch.Tensor,
+        narrow: torch.Tensor,
+        prefix: int,
+        *,
+        lr: float,
+        history: int,
+        max_iter: int,
+    ) -> None:
+        self.size, self.prefix = z.shape[1], prefix
+        self.narrow = narrow.clone()
+        options = {"lr": lr, "history": history, "max_iter": max_iter}
+        self.parts = (
+            FaithfulLBFGS(z[~narrow], **options),  # type: ignore[arg-type]
+            FaithfulLBFGS(z[narrow, :prefix], **options),  # type: ignore[arg-type]
+        )
+        self._z: torch.Tensor | None = None
+
+    @property
+    def z(self) -> torch.Tensor:
+        """Every row's point, padded to the full size (with zeros)."""
+        if self._z is None:
+            wide, narrow = self.parts
+            out = wide.z.new_zeros(len(self.narrow), self.size)
+            out[~self.narrow] = wide.z
+            out[self.narrow, : self.prefix] = narrow.z
+            self._z = out
+        return self._z
+
+    @property
+    def at_step_start(self) -> torch.Tensor:
+        out = torch.zeros_like(self.narrow)
+        out[~self.narrow] = self.parts[0].at_step_start
+        out[self.narrow] = self.parts[1].at_step_start
+        return out
+
+    def advance(self, loss: torch.Tensor, g: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """`FaithfulLBFGS.advance` of each part on its own rows and entries."""
+        wide, narrow = ~self.narrow, self.narrow
+        ended = torch.zeros_like(self.narrow)
+        ended[wide] = self.parts[0].advance(loss[wide], g[wide], active[wide])
+        ended[narrow] = self.parts[1].advance(
+            loss[narrow], g[narrow, : self.prefix], active[narrow]
+        )
+        self._z = None
+        return ended
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (increasing), each part its own of them."""
+        kept = torch.zeros_like(self.narrow)
+        kept[rows] = True
+        for part, mine in zip(self.parts, (~self.narrow, self.narrow), strict=True):
+            part.keep(kept[mine].nonzero().flatten())
+        self.narrow = self.narrow[rows]
+        self._z = None
+
+    def replace(self, rows: torch.Tensor, z: torch.Tensor) -> None:
+        raise NotImplementedError("rows of two sizes are not refilled: start them all at once")

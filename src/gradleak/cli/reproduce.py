@@ -46,7 +46,7 @@ def add(commands: argparse._SubParsersAction) -> None:
         "--chunk",
         type=positive_int,
         default=None,
-        help="victims attacked at once, one group of work per method (16)",
+        help="victims per group of work, attacked at once by each method (idlg: by both; 16)",
     )
     batch = reproduce.add_argument_group("dlg-batch only")
     batch.add_argument("--batch-sizes", default="1,2,4,8", help="batch sizes (1,2,4,8)")

@@ -1,10 +1,10 @@
 """`gradleak reproduce idlg`: iDLG's Table 1 and Figure 1, resumable.
 
 Experiments (protocol.py) run on the sweep runner in fixed groups of
-`--chunk` victims per method: every attack is appended to results.jsonl as
-soon as it ends, and a rerun of the same command skips what is there, so an
-interrupted run of 1000 experiments picks up where it stopped, losing only
-the attacks in flight.  Groups run in this process, on worker processes
+`--chunk` victims, each attacked by both methods: every attack is appended
+to results.jsonl as soon as it ends, and a rerun of the same command skips
+what is there, so an interrupted run of 1000 experiments picks up where it
+stopped, losing only the attacks in flight.  Groups run in this process, on worker processes
 (`--workers`) or on Ray (`--ray`), with the same rows.  Two engines attack a
 group: "sequential" (one victim after another, the reference) and
 "batched" (many victims at once).
@@ -13,6 +13,7 @@ group: "sequential" (one victim after another, the reference) and
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 import gradleak
-from gradleak.attacks import AttackConfig, GradientInversion, build_attack
+from gradleak.attacks import AttackConfig, build_attack
 from gradleak.errors import ConfigError
 from gradleak.experiments.common import absolute_data_dir, cached_dataset, resolve_device
 from gradleak.experiments.reproduce_idlg import report
@@ -141,24 +142,24 @@ class Work:
     seed: int
     mode: str
     engine: str
-    width: int
     device: str
 
 
 def plan(
     run: ReproduceRun, dataset: str, input_shape: tuple[int, ...], classes: int
 ) -> list[Group]:
-    """The dataset's groups: per method, consecutive experiments, `--chunk` at a time.
+    """The dataset's groups: consecutive experiments, `--chunk` at a time, both methods.
 
-    Groups depend on the run's settings only (see sweep.runner), capped by
-    memory for many classes (LFW).
+    A group's victims are built once and attacked by each method in turn (one
+    batch per method), sharing their closed-form start where the methods'
+    labels agree.  Groups depend on the run's settings only (see
+    sweep.runner), capped by memory.
     """
     size = _fitting_chunk(run.chunk, input_shape, classes)
     groups = []
-    for method in METHODS:
-        for part in chunked(range(run.experiments), size):
-            keys = tuple((e, method) for e in part)
-            groups.append(Group(keys, (method, tuple(part))))
+    for part in chunked(range(run.experiments), size):
+        keys = tuple((e, method) for method in METHODS for e in part)
+        groups.append(Group(keys, tuple(part)))
     return groups
 
 
@@ -187,7 +188,7 @@ def _reproduce_dataset(
 
     groups = plan(run, dataset, data.shape, data.num_classes)
     data_dir = absolute_data_dir(run.data_dir)
-    work = Work(dataset, data_dir, run.seed, run.mode, run.engine, run.chunk, run.device)
+    work = Work(dataset, data_dir, run.seed, run.mode, run.engine, run.device)
     try:
         run_sweep(store, groups, attack_group, work, executor, on_row=on_row, progress=progress)
     except BaseException:
@@ -203,81 +204,74 @@ def _row_key(row: Mapping[str, Any]) -> tuple[int, str]:
     return int(row["experiment"]), str(row["method"])
 
 
-def attack_group(work: Work, spec: tuple[str, tuple[int, ...]], emit: Emit) -> None:
-    """The sweep task: rebuild the group's victims and attack them with one method."""
-    method, experiments = spec
+def attack_group(work: Work, spec: tuple[int, ...], emit: Emit) -> None:
+    """The sweep task: rebuild the group's victims and attack them with both methods.
+
+    The batched engine runs both methods as one batch (`attack_together`:
+    the rows of one victim share each pass over its last layer, and one
+    closed-form start); the sequential one runs each attack on its own.
+    """
     data = cached_dataset(work.dataset, work.data_dir)
     device = resolve_device(work.device)
-    victims = [make_victim(data, work.dataset, work.seed, e, device) for e in experiments]
-    attack = build_attack(method, AttackConfig(improved=work.mode == "improved"))
+    victims = [make_victim(data, work.dataset, work.seed, e, device) for e in spec]
+    attacks = [
+        build_attack(method, AttackConfig(improved=work.mode == "improved")) for method in METHODS
+    ]
 
-    def save(victim: Victim, result: Reconstruction, seconds: float) -> None:
+    def save(victim: Victim, method: str, result: Reconstruction, seconds: float) -> None:
         files = None
         if victim.experiment == report.STRIP_EXPERIMENT:
             files = {f"strip-{method}.npz": report.strip_frames(victim.image, result)}
         row = result_row(victim, method, work.dataset, result, seconds, work.engine, device)
         emit(row, files)
 
-    _attack(attack, victims, work.engine, work.width, save)
-
-
-def _attack(
-    attack: GradientInversion,
-    victims: Sequence[Victim],
-    engine: str,
-    width: int,
-    save: Callable[[Victim, Reconstruction, float], None],
-) -> None:
-    """Attack every victim with its own seed; `save` gets each result as it ends.
-
-    With the sequential engine a result's seconds are its own attack's; with
-    the batched one, the wall time since the previous result of the same
-    batch (their sum is the batch's wall time: the victims share it).
-    """
-    if not victims:
-        return
-    seeds = [v.seeds.attacks[attack.name] for v in victims]
-    if engine == "sequential":
-        for victim, seed in zip(victims, seeds, strict=True):
-            start = time.perf_counter()
-            result = attack(victim.observation, seed=seed)
-            save(victim, result, time.perf_counter() - start)
+    if work.engine == "sequential":
+        for attack in attacks:
+            for victim in victims:
+                start = time.perf_counter()
+                result = attack(victim.observation, seed=victim.seeds.attacks[attack.name])
+                save(victim, attack.name, result, time.perf_counter() - start)
         return
     # Imported here so that the sequential path works without the batched engine.
-    from gradleak.attacks.engine import attack_batch
+    from gradleak.attacks.engine import attack_together
 
     last = time.perf_counter()
 
-    def on_result(index: int, result: Reconstruction) -> None:
+    def on_result(k: int, index: int, result: Reconstruction) -> None:
+        # A result's seconds: the wall time since the previous result of the
+        # same batch (their sum is the batch's wall time: the rows share it).
         nonlocal last
         now = time.perf_counter()
-        save(victims[index], result, now - last)
+        save(victims[index], attacks[k].name, result, now - last)
         last = now
 
-    attack_batch(
-        attack,
+    attack_together(
+        attacks,
         [v.observation for v in victims],
-        seeds,
+        [[v.seeds.attacks[a.name] for v in victims] for a in attacks],
         snapshots=[v.experiment == report.STRIP_EXPERIMENT for v in victims],
         on_result=on_result,
-        width=width,
     )
 
 
-# Memory the batched engine may use for one chunk; a victim costs about 20
-# float64 copies of the model's parameters (its weights, the shared gradient,
-# the replayed gradient and what differentiating it again keeps).
+# Memory one chunk may use: its victims' observations and the batched engine's state.
 CHUNK_MEMORY = 6 * 2**30
 
 
 def _fitting_chunk(chunk: int, input_shape: tuple[int, ...], num_classes: int) -> int:
     """At most `chunk` victims, and no more than fit in CHUNK_MEMORY.
 
-    LeNet's last layer dominates for many classes: LFW's 5,749 people make
-    each victim about 0.7 GB, and a chunk of 32 ran out of 24 GB.
+    A victim holds its observation (the model and the shared gradient, float32)
+    and, in the engine, L-BFGS's 100 curvature pairs over its variables (the
+    input, and DLG's label logits) with a margin for the rest, in float64 at
+    most.  The engine copies no large last layer (attacks/lowrank.py): an LFW
+    victim is about 51 MB by this count (bench/memory.py measures the engine's
+    part), where it was 0.7 GB and capped the chunk at 9.
     """
     probe = build_model(MODEL, input_shape=input_shape, num_classes=num_classes, seed=0)
-    per_victim = 20 * 8 * sum(p.numel() for p in probe.parameters())
+    observation = 2 * 4 * sum(p.numel() for p in probe.parameters())
+    variables = math.prod(input_shape) + num_classes
+    per_victim = observation + 8 * (2 * 100 + 20) * variables
     return max(1, min(chunk, CHUNK_MEMORY // per_victim))
 
 
