@@ -96,6 +96,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "width for lenet": (["--width", "8"], "width"),
         "unknown option": (["--frobnicate"], "--frobnicate"),
         "unknown batchnorm mode": (["--batchnorm", "frozen"], "--batchnorm"),
+        "negative tv scale": (["--method", "ig", "--tv-scale", "-1"], "--tv-scale"),
+        "tv scale for idlg": (["--tv-scale", "0.1"], "use it with --method ig"),
         "improved with auto": (["--method", "auto", "--improved"], "auto picks"),
     }
 
@@ -137,14 +139,14 @@ def test_inverting_gradients_attacks_a_fedavg_update(tmp_path: Path) -> None:
     out = tmp_path / "ig"
     done = gradleak("attack", "--method", "ig", "--model", "convnet", "--width", "4",
                     "--batch-size", "2", "--local-steps", "2", "--local-batch", "1",
-                    "--local-lr", "0.01", "--iterations", "20", "--out", str(out),
-                    tmp_path=tmp_path)  # fmt: skip
+                    "--local-lr", "0.01", "--iterations", "20", "--tv-scale", "0.05",
+                    "--out", str(out), tmp_path=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr
     row = json.loads((out / "metrics.json").read_text())
     assert row["method"] == "ig" and row["shared"] == "update" and not row["labels_given"]
     assert (row["local_steps"], row["local_batch"], row["iterations"]) == (2, 1, 20)
     assert len(row["per_image_psnr"]) == len(row["per_image_ssim"]) == 2
-    assert row["config"]["iterations"] == 20 and row["config"]["tv_scale"] == 0.2
+    assert row["config"]["iterations"] == 20 and row["config"]["tv_scale"] == 0.05
     assert (out / "reconstruction.png").read_bytes().startswith(b"\x89PNG")
     known = gradleak("attack", "--labels", "known", "--out", str(out), tmp_path=tmp_path)
     assert known.returncode == 2 and "--labels known is for --method ig" in known.stderr
@@ -165,4 +167,5 @@ def test_auto_picks_and_says_which(tmp_path: Path) -> None:
     assert relu.returncode == 0, relu.stderr
     row = json.loads((out / "metrics.json").read_text())
     assert (row["method"], row["batchnorm"], row["iterations"]) == ("ig", "eval", 3)
+    assert row["config"]["tv_scale"] == 0.2  # the attack's own prior unless --tv-scale
     assert "piecewise-linear" in row["choice"]

@@ -97,6 +97,12 @@ def add(commands: argparse._SubParsersAction) -> None:
         help="optimiser steps (dlg/idlg: 300 L-BFGS steps; ig: 24,000 Adam steps, the paper's)",
     )
     attack.add_argument(
+        "--tv-scale",
+        type=float,
+        default=None,
+        help="ig: weight of the total-variation prior (0.2, the paper's ImageNet setting)",
+    )
+    attack.add_argument(
         "--labels",
         default="infer",
         help="infer (default: read from the gradient or update) or known (ig only)",
@@ -138,6 +144,7 @@ def cmd_attack(args: argparse.Namespace, console: Console) -> None:
         local_lr=args.local_lr,
         labels=args.labels,
         batchnorm=args.batchnorm,
+        tv_scale=args.tv_scale,
         num_classes=args.num_classes,
         batch_size=args.batch_size,
         indices=args.indices,

@@ -73,6 +73,7 @@ class AttackRun:
     local_lr: float = 1e-3
     labels: str = "infer"
     batchnorm: str = "train"
+    tv_scale: float | None = None  # IG's total-variation weight; None: the attack's own (0.2)
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -85,6 +86,10 @@ class AttackRun:
             raise ConfigError(f"--local-lr must be a number above 0, got {self.local_lr:g}")
         if self.batchnorm not in ("train", "eval"):
             raise ConfigError(f"unknown --batchnorm '{self.batchnorm}': choose train or eval")
+        if self.tv_scale is not None and not (math.isfinite(self.tv_scale) and self.tv_scale >= 0):
+            raise ConfigError(f"--tv-scale must be a number of 0 or more, got {self.tv_scale:g}")
+        if self.tv_scale is not None and self.method in ("dlg", "idlg"):
+            raise ConfigError("--tv-scale is Inverting Gradients' prior: use it with --method ig")
 
     def fedsgd(self, batch_size: int) -> bool:
         """Whether the client shares one gradient (one local step on its whole batch)."""
@@ -257,8 +262,11 @@ def _build_attack(run: AttackRun) -> GradientInversion | InvertingGradients | No
 
 def _ig_config(run: AttackRun) -> IGConfig:
     """IG's config: its own steps (the paper's 24,000) unless given, about 8 frames on the strip."""
-    iterations = IGConfig().iterations if run.iterations is None else run.iterations
-    return IGConfig(iterations=iterations, snapshot_every=max(1, iterations // 8))
+    default = IGConfig()
+    iterations = default.iterations if run.iterations is None else run.iterations
+    tv_scale = default.tv_scale if run.tv_scale is None else run.tv_scale
+    frames = max(1, iterations // 8)
+    return IGConfig(iterations=iterations, tv_scale=tv_scale, snapshot_every=frames)
 
 
 def victim_indices(run: AttackRun, size: int, name: str) -> list[int]:
