@@ -6,6 +6,7 @@ itself never needs a display or pays for the import.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -71,7 +72,12 @@ def _show(ax: Axes, pixels: np.ndarray, caption: str, *, fontsize: int) -> None:
 
 def _save(fig: Figure, path: Path, title: str | None) -> Path:
     if title:
-        fig.suptitle(title, fontsize=9)
+        # A narrow strip (an attack done at step 0 has two columns) would clip a long
+        # title: wrap it to the figure's width (about 11 characters an inch at 9 pt).
+        lines = textwrap.wrap(title, width=max(16, int(fig.get_figwidth() * 11)))
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width, height + 0.16 * (len(lines) - 1))
+        fig.suptitle("\n".join(lines), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
