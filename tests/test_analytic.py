@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -91,3 +93,52 @@ def test_both_methods_share_one_closed_form_start(monkeypatch: pytest.MonkeyPatc
         for a, b, image in zip(results, alone, images, strict=True):
             assert torch.equal(a.labels, b.labels)
             assert mse(a.inputs, image) < 1e-6 and mse(b.inputs, image) < 1e-6
+
+
+def test_weighted_cgls_is_the_dense_weighted_least_squares(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A small layer, solved the slow and obviously correct way: the operator as a
+    # dense matrix (its columns are the images of the unit inputs), each forward
+    # row times its trust, and torch's least squares.
+    monkeypatch.setattr(analytic, "_CGLS_FLOOR", 1e-28)
+    g = torch.Generator().manual_seed(3)
+    conv = analytic._Conv("w", None, (1, 1), (1, 1), (2, 6, 6))
+    weight = torch.randn(1, 3, 2, 3, 3, generator=g, dtype=torch.float64)
+    delta = torch.randn(1, 3, 6, 6, generator=g, dtype=torch.float64)
+    target = torch.randn(1, 3, 6, 6, generator=g, dtype=torch.float64)
+    trust = torch.rand(1, 3, 6, 6, generator=g, dtype=torch.float64) * 0.99 + 0.01
+    gradient = torch.randn(1, 3, 2, 3, 3, generator=g, dtype=torch.float64)
+    solved = analytic._solve_layer(conv, weight, delta, target, trust, gradient, 2000)[0]
+
+    scale = 1 / delta.abs().max()
+    units = torch.eye(72, dtype=torch.float64).reshape(72, 1, 2, 6, 6)
+    forward = torch.stack([torch.nn.functional.conv2d(u, weight[0], padding=1).flatten()
+                           for u in units], 1)  # fmt: skip
+    corr = torch.stack([torch.nn.functional.grad.conv2d_weight(u, weight[0].shape, delta,
+                        padding=1).flatten() for u in units], 1)  # fmt: skip
+    rows = trust.flatten()[:, None]
+    dense = torch.cat([rows * forward, scale * corr])
+    rhs = torch.cat([rows[:, 0] * target.flatten(), scale * gradient.flatten()])
+    expected = torch.linalg.lstsq(dense, rhs[:, None]).solution.reshape(2, 6, 6)
+    assert torch.allclose(solved, expected, atol=1e-9, rtol=0)
+    unweighted = torch.cat([forward, scale * corr])
+    plain = torch.linalg.lstsq(
+        unweighted, torch.cat([target.flatten(), scale * gradient.flatten()])[:, None]
+    )
+    assert (plain.solution.reshape(2, 6, 6) - expected).abs().max() > 1e-3  # the weights matter
+
+
+@pytest.mark.parametrize("experiment", [187, 909])
+def test_a_saturated_activation_does_not_spoil_the_start(data_root: Path, experiment: int) -> None:
+    # In these two victims of `reproduce idlg --dataset lfw` a sigmoid of the third
+    # conv layer is 1.0 in the client's float32; its logit was the largest error of
+    # the unweighted solve, which then landed at MSE 1.9e-1 and 1.8e-2.
+    from gradleak.experiments.common import cached_dataset
+    from gradleak.experiments.reproduce_idlg.protocol import make_victim
+
+    data = cached_dataset("lfw", data_root)
+    victim = make_victim(data, "lfw", 0, experiment, torch.device("cpu"))
+    estimate = analytic_inputs([victim.observation], None)
+    assert estimate is not None
+    assert mse(estimate[0].float(), victim.image.reshape(estimate.shape[1:])) < 1e-4

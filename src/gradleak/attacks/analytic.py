@@ -38,6 +38,11 @@ from gradleak.attacks.lowrank import transposed_times
 from gradleak.types import Observation
 
 _EPS = 1e-6  # keeps logit() finite where a solved activation reaches 0 or 1
+# CGLS stops once |A^T r|^2 falls below this share of its start (the
+# preconditioned one): on 32 CIFAR-100 and 16 LFW and MNIST victims each start
+# then matched the shared gradient within the improved attack's tolerance, at
+# about two thirds of the iterations 1e-14 took.
+_CGLS_FLOOR = 1e-12
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,7 @@ def analytic_inputs(
         target = _logit(a)
         if conv.bias is not None:
             target = target - params[conv.bias].reshape(-1, params[conv.bias].shape[1], 1, 1)
-        a_in = _solve(conv, params[conv.weight], delta, target, grads[conv.weight],
+        a_in = _solve(conv, params[conv.weight], delta, target, _trust(a), grads[conv.weight],
                       iterations, exact=depth > 0)  # fmt: skip
         if depth == 0:
             return a_in
@@ -219,25 +224,43 @@ def _logit(a: torch.Tensor) -> torch.Tensor:
     return torch.log(a) - torch.log1p(-a)
 
 
+def _trust(a: torch.Tensor) -> torch.Tensor:
+    """How far each forward equation ``conv(a_in) = logit(a) - b`` can be trusted, in (0, 1].
+
+    An error in ``a`` comes out of ``logit`` multiplied by ``1 / (a (1 - a))``:
+    a sigmoid output near 0 or 1 (one the client's float32 may have rounded to
+    exactly 1) gives a pre-activation that is off by far more than the rest.
+    Weighting each equation by ``a (1 - a)`` makes every row's error the size
+    of the error in ``a``; normalised per victim so that its best rows weigh 1
+    against the weight-gradient equations, as before.
+    """
+    weight = a.clamp(_EPS, 1 - _EPS) * (1 - a.clamp(_EPS, 1 - _EPS))
+    return weight / weight.flatten(1).amax(1).reshape(-1, *([1] * (a.dim() - 1)))
+
+
 def _solve(
     conv: _Conv,
     weight: torch.Tensor,
     delta: torch.Tensor,
     target: torch.Tensor,
+    trust: torch.Tensor,
     weight_gradient: torch.Tensor,
     iterations: int,
     *,
     exact: bool,
 ) -> torch.Tensor:
-    """Every victim's layer input: exactly where that is cheap, else by CGLS."""
+    """Every victim's layer input: exactly where that is cheap, else by CGLS.
+
+    `trust` weighs the forward equations (`_trust`), the same shape as `target`.
+    """
     found = [None] * len(weight)
     if exact:
-        found = [_solve_exact(conv, *one) for one in zip(weight, delta, target, weight_gradient,
-                                                          strict=True)]  # fmt: skip
+        per_victim = zip(weight, delta, target, trust, weight_gradient, strict=True)
+        found = [_solve_exact(conv, *one) for one in per_victim]
     missing = [i for i, a in enumerate(found) if a is None]
     if missing:
         rows = torch.tensor(missing, device=weight.device)
-        solved = _solve_layer(conv, weight[rows], delta[rows], target[rows],
+        solved = _solve_layer(conv, weight[rows], delta[rows], target[rows], trust[rows],
                               weight_gradient[rows], iterations)  # fmt: skip
         for i, a in zip(missing, solved, strict=True):
             found[i] = a
@@ -249,6 +272,7 @@ def _solve_layer(
     weight: torch.Tensor,
     delta: torch.Tensor,
     target: torch.Tensor,
+    trust: torch.Tensor,
     weight_gradient: torch.Tensor,
     iterations: int,
 ) -> torch.Tensor:
@@ -256,54 +280,68 @@ def _solve_layer(
 
     CGLS (conjugate gradients on the normal equations), one vmapped
     iteration per loop pass over the victims that have not converged yet.
-    The weight-gradient rows are scaled by ``1 / max|delta|`` so that both
-    sets of equations weigh alike.
+    The forward rows are weighted by `trust`, the weight-gradient rows scaled
+    by ``1 / max|delta|`` so that both sets of equations weigh alike.
     """
     scale = 1.0 / delta.flatten(1).abs().amax(1).clamp_min(1e-30)
 
-    def operator(a, w, d, s):  # one victim: a -> [conv(a); s * corr(a, d)]
+    def operator(a, w, d, s, t):  # one victim: a -> [t * conv(a); s * corr(a, d)]
         a = a[None]
-        forward = F.conv2d(a, w, stride=conv.stride, padding=conv.padding)
+        forward = t * F.conv2d(a, w, stride=conv.stride, padding=conv.padding)[0]
         corr = F.grad.conv2d_weight(a, w.shape, d[None], stride=conv.stride, padding=conv.padding)
         return torch.cat([forward.flatten(), s * corr.flatten()])
 
-    def adjoint(w, d, s, r):  # the transpose of `operator`, written out
+    def adjoint(w, d, s, t, r):  # the transpose of `operator`, written out
         split = r.numel() - w.numel()
         forward, corr = r[:split].reshape(-1, *d.shape[1:]), r[split:].reshape(w.shape)
         shape = (1, *conv.in_shape)
-        through_w = F.grad.conv2d_input(shape, w, forward[None], stride=conv.stride,
+        through_w = F.grad.conv2d_input(shape, w, (t * forward)[None], stride=conv.stride,
                                         padding=conv.padding)  # fmt: skip
         through_d = F.grad.conv2d_input(shape, corr, d[None], stride=conv.stride,
                                         padding=conv.padding)  # fmt: skip
         return (through_w + s * through_d)[0]
 
+    def column_norms(w, d, s, t):  # |each column of `operator`|: Jacobi preconditioner
+        shape = (1, *conv.in_shape)
+        forward = F.grad.conv2d_input(shape, w * w, (t * t)[None], stride=conv.stride,
+                                      padding=conv.padding)  # fmt: skip
+        corr = F.grad.conv2d_input(shape, torch.ones_like(w), (d * d)[None], stride=conv.stride,
+                                   padding=conv.padding)  # fmt: skip
+        return (forward + s * s * corr)[0].sqrt()
+
+    # CGLS on y with x = D y, D the inverse column norms: columns of very
+    # different size (border pixels, rows of little trust) slow plain CGLS down.
+    precondition = 1.0 / vmap(column_norms)(weight, delta, scale, trust).clamp_min(1e-150)
     apply, pull_back = vmap(operator), vmap(adjoint)
-    rhs = torch.cat([target.flatten(1), scale[:, None] * weight_gradient.flatten(1)], dim=1)
-    x = torch.full((len(weight), *conv.in_shape), 0.5, dtype=weight.dtype, device=weight.device)
-    r = rhs - apply(x, weight, delta, scale)
-    s = pull_back(weight, delta, scale, r)
+    rhs = torch.cat([(trust * target).flatten(1), scale[:, None] * weight_gradient.flatten(1)],
+                    dim=1)  # fmt: skip
+    y = torch.full((len(weight), *conv.in_shape), 0.5, dtype=weight.dtype, device=weight.device)
+    y = y / precondition
+    r = rhs - apply(precondition * y, weight, delta, scale, trust)
+    s = precondition * pull_back(weight, delta, scale, trust, r)
     p, gamma = s, s.flatten(1).pow(2).sum(1)
-    floor = gamma * 1e-14
-    out = x.clone()
+    floor = gamma * _CGLS_FLOOR
+    out = (precondition * y).clone()
     rows = torch.arange(len(weight), device=weight.device)  # the victims still iterating
     for _ in range(iterations):
         live = gamma > floor
         if not bool(live.all()):  # converged victims leave, so each costs only its own
-            out[rows[~live]] = x[~live]
+            out[rows[~live]] = (precondition * y)[~live]
             keep = live.nonzero().flatten()
             if keep.numel() == 0:
                 return out
-            rows, x, r, p, gamma, floor = (t[keep] for t in (rows, x, r, p, gamma, floor))
-            weight, delta, scale = weight[keep], delta[keep], scale[keep]
-        q = apply(p, weight, delta, scale)
+            rows, y, r, p, gamma, floor = (t[keep] for t in (rows, y, r, p, gamma, floor))
+            weight, delta, scale, trust = weight[keep], delta[keep], scale[keep], trust[keep]
+            precondition = precondition[keep]
+        q = apply(precondition * p, weight, delta, scale, trust)
         alpha = gamma / q.pow(2).sum(1).clamp_min(1e-300)
-        x = x + _col(alpha, x) * p
+        y = y + _col(alpha, y) * p
         r = r - alpha[:, None] * q
-        s = pull_back(weight, delta, scale, r)
+        s = precondition * pull_back(weight, delta, scale, trust, r)
         fresh = s.flatten(1).pow(2).sum(1)
         p = s + _col(fresh / gamma.clamp_min(1e-300), s) * p
         gamma = fresh
-    out[rows] = x
+    out[rows] = precondition * y
     return out
 
 
@@ -312,6 +350,7 @@ def _solve_exact(
     weight: torch.Tensor,
     delta: torch.Tensor,
     target: torch.Tensor,
+    trust: torch.Tensor,
     weight_gradient: torch.Tensor,
 ) -> torch.Tensor | None:
     """One victim's layer input, exactly, when the weight gradient leaves few unknowns.
@@ -350,7 +389,9 @@ def _solve_exact(
         columns = vmap(lambda im: F.conv2d(im, weight, stride=conv.stride,
                                            padding=conv.padding).flatten())(images)  # fmt: skip
         residual = target - F.conv2d(a[None], weight, stride=conv.stride, padding=conv.padding)[0]
-        coefficients = torch.linalg.lstsq(columns.T, residual.flatten()[:, None]).solution
+        rows = trust.flatten()[:, None]  # the forward equations, weighted as in CGLS
+        coefficients = torch.linalg.lstsq(rows * columns.T, rows * residual.flatten()[:, None])
+        coefficients = coefficients.solution
         a = a + (coefficients.reshape(channels, len(null)) @ null).reshape(conv.in_shape)
     return a if bool(torch.isfinite(a).all()) else None
 
