@@ -12,7 +12,10 @@ Privacy", ICLR 2021; this is our own formulation):
   from the layer above), and its weight gradient, ``dW = corr(a, delta_out)``
   (``delta_out`` is known from the layer above too).  Both are linear in
   ``a``; we solve them in the least-squares sense with CGLS, matrix-free, for
-  all victims at once, and pass ``delta`` down through the sigmoid.
+  all victims at once, and pass ``delta`` down through the sigmoid.  Each
+  forward equation is weighted by its sigmoid's slope ``a_out (1 - a_out)``:
+  the client computed in float32, so an output near 0 or 1 pins its
+  pre-activation down poorly, and unweighted it spoiled the whole solve.
 
 On iDLG's LeNet this lands within MSE ~1e-5 of the private MNIST image before a
 single gradient-matching step; on CIFAR-100 the conv systems are worse
