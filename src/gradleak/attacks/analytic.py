@@ -237,7 +237,8 @@ def _trust(a: torch.Tensor) -> torch.Tensor:
     of the error in ``a``; normalised per victim so that its best rows weigh 1
     against the weight-gradient equations, as before.
     """
-    weight = a.clamp(_EPS, 1 - _EPS) * (1 - a.clamp(_EPS, 1 - _EPS))
+    clamped = a.clamp(_EPS, 1 - _EPS)
+    weight = clamped * (1 - clamped)
     return weight / weight.flatten(1).amax(1).reshape(-1, *([1] * (a.dim() - 1)))
 
 
@@ -318,13 +319,12 @@ def _solve_layer(
     apply, pull_back = vmap(operator), vmap(adjoint)
     rhs = torch.cat([(trust * target).flatten(1), scale[:, None] * weight_gradient.flatten(1)],
                     dim=1)  # fmt: skip
-    y = torch.full((len(weight), *conv.in_shape), 0.5, dtype=weight.dtype, device=weight.device)
-    y = y / precondition
+    y = 0.5 / precondition  # x = 0.5 everywhere: mid-grey
     r = rhs - apply(precondition * y, weight, delta, scale, trust)
     s = precondition * pull_back(weight, delta, scale, trust, r)
     p, gamma = s, s.flatten(1).pow(2).sum(1)
     floor = gamma * _CGLS_FLOOR
-    out = (precondition * y).clone()
+    out = torch.empty_like(y)  # each victim's row is written when it leaves or at the end
     rows = torch.arange(len(weight), device=weight.device)  # the victims still iterating
     for _ in range(iterations):
         live = gamma > floor
