@@ -3,7 +3,7 @@
 from gradleak.attacks import DLG, IDLG, AttackConfig, build_attack, idlg_label
 from gradleak.models import build_model
 from gradleak.threat import observe, observe_update
-from gradleak.types import Observation, Reconstruction, UpdateObservation
+from gradleak.types import ClientOptimizer, Observation, Reconstruction, UpdateObservation
 
 __version__ = "0.1.0"
 
@@ -14,6 +14,7 @@ __all__ = [
     "Observation",
     "Reconstruction",
     "UpdateObservation",
+    "ClientOptimizer",
     "build_attack",
     "build_model",
     "idlg_label",

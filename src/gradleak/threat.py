@@ -31,7 +31,7 @@ from torch import nn
 
 from gradleak.defenses.base import ClientStep, GradientTransform
 from gradleak.errors import ConfigError, DataError
-from gradleak.types import Observation, UpdateObservation
+from gradleak.types import ClientOptimizer, Observation, UpdateObservation
 
 __all__ = [
     "ClientStep",
@@ -159,11 +159,15 @@ def observe_update(
     seed: int,
     defense: GradientTransform | None = None,
     batchnorm: str = "train",
+    optimizer: ClientOptimizer | None = None,
+    drop_last: bool = False,
 ) -> UpdateObservation:
     """Simulate one FedAvg client's round and return what the server receives.
 
-    The client trains a deep copy of `model` in train mode with plain SGD (no
-    momentum, no weight decay) on the mean cross-entropy of mini-batches of its
+    The client trains a deep copy of `model` in train mode with its optimiser
+    (plain SGD unless `optimizer` says otherwise: SGD with momentum, Nesterov
+    and weight decay, Adam or AdamW, a fresh ``torch.optim`` instance for the
+    round) on the mean cross-entropy of mini-batches of its
     n examples, running the model's own forward, so BatchNorm normalises with
     each mini-batch's statistics and updates its running statistics exactly as
     torch does.  It then returns all its weights (parameters and buffers).
@@ -175,8 +179,9 @@ def observe_update(
     generator)`` from one ``torch.Generator`` seeded with `seed` and cuts it
     into consecutive slices of `local_batch` examples, the last slice shorter
     when `local_batch` does not divide n (a DataLoader with ``shuffle=True`` and
-    ``drop_last=False``).  With `epochs` E the client takes the E * ceil(n / b)
-    slices of E epochs; with `local_steps` K it takes the first K slices of
+    ``drop_last=False``), or left out with `drop_last`.  With `epochs` E the
+    client takes the E * ceil(n / b) slices of E epochs (E * floor(n / b) with
+    `drop_last`); with `local_steps` K it takes the first K slices of
     that same sequence: consecutive steps take consecutive slices, and a new
     order is drawn when an epoch's order runs out.  When the mini-batch is the
     whole batch (``local_batch`` None or n) the order cannot matter to the mean
@@ -205,10 +210,13 @@ def observe_update(
         seed: Seeds the generator of the client's shuffled orders.
         defense: Optional transform the client applies to its final update.
         batchnorm: "train" (default) or "eval": the mode the client trains in.
+        optimizer: The client's optimiser; None for plain SGD.
+        drop_last: Drop each epoch's short last mini-batch.
 
     Returns:
         The weights sent and returned, the update, and the schedule the server
-        configured (`local_lr`, `local_steps` or `epochs`, `local_batch`).
+        configured (`local_lr`, `local_steps` or `epochs`, `local_batch`, the
+        optimiser, `drop_last`).
 
     Raises:
         DataError: The batch does not fit the model.
@@ -240,6 +248,15 @@ def observe_update(
             )
         local_batch = int(local_batch)
     size = n if local_batch is None else local_batch
+    if optimizer is None:
+        optimizer = ClientOptimizer()
+    if not isinstance(optimizer, ClientOptimizer):
+        raise ConfigError(
+            f"optimizer must be a gradleak.ClientOptimizer, got {type(optimizer).__name__}"
+        )
+    if drop_last and size > n:
+        raise ConfigError(f"drop_last with {n} examples and mini-batches of {size} leaves no step")
+    per_epoch = n // size if drop_last else -(-n // size)
 
     global_model = copy.deepcopy(model)
     sent = {name: t.detach().clone() for name, t in global_model.state_dict().items()}
@@ -247,15 +264,15 @@ def observe_update(
 
     client = copy.deepcopy(model).train(mode == "train")
     trainable = [p for p in client.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=local_lr, momentum=0.0, weight_decay=0.0)
+    torch_optimizer = optimizer.build(trainable, local_lr)
     generator = torch.Generator().manual_seed(int(seed))
-    steps = local_steps if local_steps is not None else int(epochs or 0) * -(-n // size)
+    steps = local_steps if local_steps is not None else int(epochs or 0) * per_epoch
     with torch.enable_grad():
-        for indices in _minibatches(n, size, steps, generator):
+        for indices in _minibatches(n, size, steps, generator, drop_last=drop_last):
             index = indices.to(x.device)
-            optimizer.zero_grad(set_to_none=True)
+            torch_optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(client(x[index]), y[index]).backward()
-            optimizer.step()
+            torch_optimizer.step()
 
     returned = {name: t.detach().clone() for name, t in client.state_dict().items()}
     update = tuple(returned[name] - sent[name] for name in names)
@@ -282,6 +299,8 @@ def observe_update(
         epochs=epochs,
         local_batch=local_batch,
         batchnorm=mode,
+        optimizer=optimizer,
+        drop_last=bool(drop_last),
     )
 
 
@@ -294,13 +313,16 @@ def _check_mode(batchnorm: str | None, model: nn.Module) -> str:
     return batchnorm
 
 
-def _minibatches(n: int, size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
+def _minibatches(
+    n: int, size: int, steps: int, generator: torch.Generator, *, drop_last: bool = False
+) -> list[torch.Tensor]:
     """The indices of each step's mini-batch (see `observe_update` for the rule)."""
     batches: list[torch.Tensor] = []
+    end = n - n % size if drop_last else n
     while len(batches) < steps:
         # The whole batch: the order cannot matter to the mean loss, so none is drawn.
         order = torch.arange(n) if size >= n else torch.randperm(n, generator=generator)
-        batches.extend(order[start : start + size] for start in range(0, n, size))
+        batches.extend(order[start : start + size] for start in range(0, end, size))
     return batches[:steps]
 
 

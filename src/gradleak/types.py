@@ -11,10 +11,101 @@ victim's side.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+@dataclass(frozen=True)
+class ClientOptimizer:
+    """The optimiser a FedAvg client trains with, as ``torch.optim`` defines it.
+
+    The server wrote the client app, so it knows which optimiser its clients
+    run and with which settings (the learning rate is the round's
+    ``local_lr``).  ``kind`` "sgd" is ``torch.optim.SGD(momentum, nesterov,
+    weight_decay)`` (dampening 0); "adam" and "adamw" are ``torch.optim.Adam``
+    and ``AdamW`` with ``betas``, ``eps`` and ``weight_decay`` (no amsgrad).
+    A client builds a fresh optimiser every round (as Flower's quickstart
+    client does), so momentum and Adam's moments start at zero each round.
+
+    Attributes:
+        kind: "sgd", "adam" or "adamw".
+        momentum: SGD's momentum (0 for plain SGD).
+        nesterov: SGD's Nesterov momentum (needs momentum above 0).
+        weight_decay: L2 penalty (SGD, Adam) or decoupled decay (AdamW).
+        betas: Adam's running-average coefficients.
+        eps: Adam's denominator term.
+    """
+
+    kind: str = "sgd"
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.kind not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.kind!r}")
+        for name in ("momentum", "weight_decay", "eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number 0 or more, got {value!r}")
+        if self.momentum >= 1:
+            raise ValueError(f"momentum must be below 1, got {self.momentum!r}")
+        if self.nesterov and (self.kind != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs the sgd optimizer with a momentum above 0")
+        betas = tuple(float(b) for b in self.betas)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.kind != "sgd" and self.momentum:
+            raise ValueError(f"momentum is SGD's; {self.kind} has betas instead")
+        object.__setattr__(self, "betas", betas)
+
+    @property
+    def plain(self) -> bool:
+        """Plain SGD: no momentum, no weight decay."""
+        return self.kind == "sgd" and self.momentum == 0 and self.weight_decay == 0
+
+    def build(self, parameters: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+        """The ``torch.optim`` optimiser the client runs."""
+        if self.kind == "sgd":
+            return torch.optim.SGD(
+                parameters,
+                lr=lr,
+                momentum=self.momentum,
+                nesterov=self.nesterov,
+                weight_decay=self.weight_decay,
+            )
+        kind = torch.optim.Adam if self.kind == "adam" else torch.optim.AdamW
+        return kind(
+            parameters, lr=lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay
+        )
+
+    def describe(self) -> str:
+        """A short label for reports: "sgd", "sgd momentum 0.9 nesterov", "adam wd 0.01"."""
+        parts = [self.kind]
+        if self.momentum:
+            parts.append(f"momentum {self.momentum:g}")
+        if self.nesterov:
+            parts.append("nesterov")
+        if self.weight_decay:
+            parts.append(f"wd {self.weight_decay:g}")
+        return " ".join(parts)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "weight_decay": self.weight_decay,
+            "betas": list(self.betas),
+            "eps": self.eps,
+        }
 
 
 @dataclass(frozen=True)
@@ -61,7 +152,7 @@ class Observation:
 class UpdateObservation:
     """What the server holds after one FedAvg round of a client.
 
-    The client trained a copy of the global model with plain SGD on its own
+    The client trained a copy of the global model with its optimiser on its own
     examples and sent back its weights.  The server knows the model and the
     weights it sent, the weights it got back, how many examples the client
     trained on (FedAvg weights clients by it) and the local schedule it told
@@ -83,7 +174,7 @@ class UpdateObservation:
         input_shape: Shape of one example, e.g. ``(3, 32, 32)``.
         num_classes: Size of the label space.
         num_examples: How many examples the client trained on (n).
-        local_lr: The clients' SGD learning rate.
+        local_lr: The clients' learning rate.
         local_steps: Mini-batch steps per round (K), or None when the schedule
             is given in `epochs`.
         epochs: Passes over the client's examples (E), or None when the
@@ -93,6 +184,9 @@ class UpdateObservation:
             mini-batch's statistics, its running statistics updated) or "eval"
             (it trained in eval mode, on the running statistics the server sent,
             which stay as sent).
+        optimizer: The client's optimiser (plain SGD by default).
+        drop_last: Whether the client drops a short last mini-batch of an epoch
+            (a DataLoader's ``drop_last=True``).
 
     Equality is identity (the fields hold tensors).
     """
@@ -110,9 +204,13 @@ class UpdateObservation:
     epochs: int | None = None
     local_batch: int | None = None
     batchnorm: str = "train"
+    optimizer: ClientOptimizer = field(default_factory=ClientOptimizer)
+    drop_last: bool = False
 
     def __post_init__(self) -> None:
         _check_batchnorm(self.batchnorm)
+        if self.drop_last and self.num_examples < self.batch_size:
+            raise ValueError("drop_last with fewer examples than one mini-batch leaves no step")
         if (self.local_steps is None) == (self.epochs is None):
             raise ValueError("an UpdateObservation needs exactly one of local_steps and epochs")
         if len(self.update) != len(self.parameter_names):
@@ -129,7 +227,9 @@ class UpdateObservation:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Mini-batches in one pass over the client's examples: ceil(n / b)."""
+        """Mini-batches in one pass over the examples: ceil(n / b), floor(n / b) with drop_last."""
+        if self.drop_last:
+            return self.num_examples // self.batch_size
         return -(-self.num_examples // self.batch_size)
 
     @property

@@ -118,8 +118,15 @@ from gradleak.attacks.labels import (
     last_linear_layer,
 )
 from gradleak.attacks.threads import attack_threads
+from gradleak.attacks.unroll import FunctionalOptimizer
 from gradleak.errors import AttackNotApplicable, ConfigError
-from gradleak.types import Observation, Reconstruction, Snapshot, UpdateObservation
+from gradleak.types import (
+    ClientOptimizer,
+    Observation,
+    Reconstruction,
+    Snapshot,
+    UpdateObservation,
+)
 
 __all__ = [
     "IGConfig",
@@ -331,14 +338,19 @@ def dummy_gradient(
     return tuple(torch.autograd.grad(loss, targets, create_graph=create_graph))
 
 
-def attacker_batches(num_examples: int, batch_size: int, steps: int) -> list[torch.Tensor]:
+def attacker_batches(
+    num_examples: int, batch_size: int, steps: int, *, drop_last: bool = False
+) -> list[torch.Tensor]:
     """The attacker's fixed mini-batch order: consecutive slices of ``0..n-1``, every epoch.
 
     Step k takes slice ``k mod ceil(n / b)``; the last slice of an epoch is
-    shorter when b does not divide n (as the client's are).
+    shorter when b does not divide n (as the client's are), or left out with
+    `drop_last` (the dummies past the last full slice then never enter the
+    update, as the client's dropped examples did not in that epoch).
     """
     order = torch.arange(num_examples)
-    epoch = [order[start : start + batch_size] for start in range(0, num_examples, batch_size)]
+    end = num_examples - num_examples % batch_size if drop_last else num_examples
+    epoch = [order[start : start + batch_size] for start in range(0, end, batch_size)]
     return [epoch[k % len(epoch)] for k in range(steps)]
 
 
@@ -350,8 +362,9 @@ def simulate_update(
     lr: float,
     batches: Sequence[torch.Tensor],
     create_graph: bool = True,
+    optimizer: ClientOptimizer | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """FedAvg: the client's local plain SGD on ``(x, y)``, unrolled; returns ``returned - sent``.
+    """FedAvg: the client's local training on ``(x, y)``, unrolled; returns ``returned - sent``.
 
     Args:
         replica: The model and the weights sent.
@@ -361,6 +374,7 @@ def simulate_update(
         batches: The indices of each step's mini-batch, in order (the attack
             uses `attacker_batches`; a test passes the client's own order).
         create_graph: Keep the graph so the update can be differentiated in ``x``.
+        optimizer: The client's optimiser (`attacks.unroll`); None for plain SGD.
 
     Returns:
         One tensor per trainable parameter, in the order of ``replica.names``.
@@ -368,14 +382,18 @@ def simulate_update(
     start = {name: replica.parameters[name] for name in replica.names}
     parameters = dict(replica.parameters)
     buffers = replica.fresh_buffers()  # the running statistics carried from step to step
+    stepper = FunctionalOptimizer(optimizer or ClientOptimizer(), lr)
     for indices in batches:
         index = indices.to(x.device)
         logits = replica.forward(parameters, buffers, x[index])
         loss = F.cross_entropy(logits, y[index])
         targets = [parameters[name] for name in replica.names]
         grads = torch.autograd.grad(loss, targets, create_graph=create_graph)
-        for name, grad in zip(replica.names, grads, strict=True):
-            parameters[name] = parameters[name] - lr * grad
+        moved = stepper.step(
+            {name: parameters[name] for name in replica.names},
+            dict(zip(replica.names, grads, strict=True)),
+        )
+        parameters.update(moved)
     return tuple(parameters[name] - start[name] for name in replica.names)
 
 
@@ -538,13 +556,17 @@ class InvertingGradients:
                     train=observation.batchnorm == "train",
                 )
                 observed = tuple(u.detach().to(device, dtype) for u in observation.update)
-                batches = attacker_batches(count, observation.batch_size, observation.steps)
-                lr = observation.local_lr
+                batches = attacker_batches(
+                    count, observation.batch_size, observation.steps,
+                    drop_last=observation.drop_last,
+                )  # fmt: skip
+                lr, client_optimizer = observation.local_lr, observation.optimizer
 
                 def produce(x: torch.Tensor, *, graph: bool) -> tuple[torch.Tensor, ...]:
                     return simulate_update(
-                        replica, x, y, lr=lr, batches=batches, create_graph=graph
-                    )
+                        replica, x, y, lr=lr, batches=batches, create_graph=graph,
+                        optimizer=client_optimizer,
+                    )  # fmt: skip
             else:
                 replica = _Replica(
                     observation.model,

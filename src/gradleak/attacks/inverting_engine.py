@@ -55,8 +55,15 @@ from gradleak.attacks.inverting import (
     total_variation,
 )
 from gradleak.attacks.threads import attack_threads
+from gradleak.attacks.unroll import FunctionalOptimizer
 from gradleak.errors import ConfigError
-from gradleak.types import Observation, Reconstruction, Snapshot, UpdateObservation
+from gradleak.types import (
+    ClientOptimizer,
+    Observation,
+    Reconstruction,
+    Snapshot,
+    UpdateObservation,
+)
 
 __all__ = ["attack_victims"]
 
@@ -163,7 +170,10 @@ def _check_alike(observations: Sequence[Observation | UpdateObservation]) -> Non
         common = (type(obs).__name__, type(obs.model).__name__, shapes, obs.parameter_names,
                   obs.input_shape, obs.num_classes, obs.batchnorm)  # fmt: skip
         if isinstance(obs, UpdateObservation):
-            return (*common, obs.num_examples, obs.steps, obs.batch_size, obs.local_lr)
+            return (
+                *common, obs.num_examples, obs.steps, obs.batch_size, obs.local_lr,
+                obs.optimizer, obs.drop_last,
+            )  # fmt: skip
         return (*common, obs.batch_size)
 
     reference = setting(observations[0])
@@ -246,10 +256,12 @@ class _StepFunctions:
         module, names = problem.module, problem.names
         weights_dim = 0 if problem.weights_stacked else None
         if isinstance(first, UpdateObservation):
-            lr = first.local_lr
-            batches = attacker_batches(first.num_examples, first.batch_size, first.steps)
+            lr, client_optimizer = first.local_lr, first.optimizer
+            batches = attacker_batches(
+                first.num_examples, first.batch_size, first.steps, drop_last=first.drop_last
+            )
         else:
-            lr, batches = 0.0, []
+            lr, batches, client_optimizer = 0.0, [], ClientOptimizer()
 
         def loss(trainable: Tensors, fixed: Tensors, x: torch.Tensor, y: torch.Tensor):
             return F.cross_entropy(functional_call(module, {**fixed, **trainable}, (x,)), y)
@@ -261,10 +273,11 @@ class _StepFunctions:
                 gradient = grad(loss)(trainable, fixed, x, y)
                 return tuple(gradient[n] for n in names)
             current = dict(trainable)
+            stepper = FunctionalOptimizer(client_optimizer, lr)
             for indices in batches:
                 index = indices.to(x.device)
                 gradient = grad(loss)(current, fixed, x[index], y[index])
-                current = {n: current[n] - lr * gradient[n] for n in names}
+                current = stepper.step(current, gradient)
             return tuple(current[n] - trainable[n] for n in names)
 
         def objective(x, weights, y, observed):
