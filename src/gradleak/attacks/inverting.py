@@ -112,10 +112,10 @@ from torch.func import functional_call
 
 from gradleak.attacks.dlg import StepCallback, require_nonzero_gradient
 from gradleak.attacks.labels import (
-    batch_label_counts_from_gradients,
     batch_labels,
     idlg_label,
-    last_linear_layer,
+    update_as_gradient,
+    update_label_counts,
 )
 from gradleak.attacks.threads import attack_threads
 from gradleak.attacks.unroll import FunctionalOptimizer
@@ -401,53 +401,23 @@ def simulate_update(
 
 
 def update_labels(observation: UpdateObservation) -> torch.Tensor:
-    """The labels of a FedAvg client, from ``-update / (local_lr * K)`` (module docstring).
+    """The labels of a FedAvg client, from its update (`labels.update_label_counts`).
 
     Returns:
         ``(num_examples,)`` labels, ascending (a multiset) for several examples.
     """
-    pseudo = _pseudo_observation(observation)
     if observation.num_examples == 1:
-        return torch.tensor([idlg_label(pseudo)], device=observation.device)
-    if observation.steps == 1:
-        return batch_labels(pseudo)  # one step: -update / lr is the FedSGD gradient
-    weight_name, bias_name = last_linear_layer(observation.model)
-    if bias_name is None or bias_name not in observation.parameter_names:
-        raise AttackNotApplicable(
-            "the batch label rule reads the update of the last Linear layer's bias and this "
-            "model's has none (or it is frozen); pass the labels"
+        return torch.tensor(
+            [idlg_label(_pseudo_observation(observation))], device=observation.device
         )
-    weight_gradient = pseudo.gradient(weight_name)
-    if weight_gradient.shape[0] != observation.num_classes:
-        raise AttackNotApplicable(
-            f"the last Linear layer has {weight_gradient.shape[0]} outputs, not the "
-            f"{observation.num_classes} classes; the batch label rule does not apply"
-        )
-    # The steps' gradients were taken at w_0 .. w_{K-1}; if the weights move evenly
-    # through the round, their mean is w_0 + (K - 1) / (2K) * update.
-    share = (observation.steps - 1) / (2 * observation.steps)
-    layer = [
-        observation.sent[name].to(weight_gradient) + share * observation.parameter_update(name)
-        for name in (weight_name, bias_name)
-    ]
-    counts = batch_label_counts_from_gradients(
-        weight_gradient, pseudo.gradient(bias_name), *layer, observation.num_examples
-    )
+    counts = update_label_counts(observation)
     classes = torch.arange(len(counts), device=counts.device)
     return torch.repeat_interleave(classes, counts).to(observation.device)
 
 
 def _pseudo_observation(observation: UpdateObservation) -> Observation:
-    """The update as a mean FedSGD gradient over the client's examples, at the sent weights."""
-    scale = observation.local_lr * observation.steps
-    return Observation(
-        model=observation.model,
-        gradients=tuple(-u / scale for u in observation.update),
-        parameter_names=observation.parameter_names,
-        input_shape=observation.input_shape,
-        num_classes=observation.num_classes,
-        batch_size=observation.num_examples,
-    )
+    """The update as a mean FedSGD gradient over the client's examples (`labels.py`)."""
+    return update_as_gradient(observation)
 
 
 def _check_labels(labels: torch.Tensor, count: int, num_classes: int) -> torch.Tensor:

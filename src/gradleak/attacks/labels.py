@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from gradleak.errors import AttackNotApplicable
-from gradleak.types import Observation
+from gradleak.types import ClientOptimizer, Observation, UpdateObservation
 
 
 def last_linear_weight(model: nn.Module) -> str:
@@ -216,3 +216,117 @@ def batch_labels(observation: Observation) -> torch.Tensor:
     )
     classes = torch.arange(len(counts), device=counts.device)
     return torch.repeat_interleave(classes, counts).to(observation.device)
+
+
+# --- FedAvg updates ----------------------------------------------------------
+#
+# A client that takes K steps returns  update = -lr * sum_t d_t,  where d_t is
+# what its optimiser steps along.  For SGD with momentum mu (dampening 0),
+# d_t = b_t = mu b_{t-1} + g_t, so  sum_t d_t = sum_j w_j g_j  with
+# w_j = (1 - mu^(K-j)) / (1 - mu): the gradient of step j counts once for
+# every later step, decayed.  Nesterov steps along g_t + mu b_t, so
+# w_j = 1 + mu (1 - mu^(K-j)) / (1 - mu).  Weight decay adds wd * p_j to each
+# g_j.  If every step's mini-batch gradient is alike on average (the examples
+# are seen equally often, the weights move little), then
+# -update / (lr * sum_j w_j) - wd * p_mean  is the mean FedSGD gradient over
+# the client's n examples, and the batch rule above reads its label counts.
+# Adam's step is no linear function of the gradients: its update has the sign
+# of each weight's running mean gradient and a size that says little of the
+# gradient's.  The signs still tell which classes the client holds (a present
+# class is under-predicted, its bias moves up); the counts are then only
+# shared out in proportion to how far each present class's bias moved.
+
+
+def step_weights(optimizer: ClientOptimizer, steps: int) -> list[float]:
+    """How much the gradient of each step counts in an SGD client's update (see above)."""
+    mu = optimizer.momentum
+    if mu == 0:
+        return [1.0] * steps
+    decayed = [(1 - mu ** (steps - j)) / (1 - mu) for j in range(steps)]
+    if optimizer.nesterov:
+        return [1 + mu * w for w in decayed]
+    return decayed
+
+
+def update_as_gradient(observation: UpdateObservation) -> Observation:
+    """A FedAvg update read as the mean FedSGD gradient over the client's n examples.
+
+    ``-update / (lr * sum_j w_j)``, less the weight decay's share at the
+    round's mean weights; for Adam ``-update / (lr * K)``, whose signs only are
+    meaningful.
+    """
+    optimizer = observation.optimizer
+    steps = observation.steps
+    scale = observation.local_lr * (
+        sum(step_weights(optimizer, steps)) if optimizer.kind == "sgd" else steps
+    )
+    share = (steps - 1) / (2 * steps)
+    gradients = []
+    for name, update in zip(observation.parameter_names, observation.update, strict=True):
+        gradient = -update / scale
+        if optimizer.kind == "sgd" and optimizer.weight_decay:
+            mean = observation.sent[name].to(update) + share * update
+            gradient = gradient - optimizer.weight_decay * mean
+        gradients.append(gradient)
+    return Observation(
+        model=observation.model,
+        gradients=tuple(gradients),
+        parameter_names=observation.parameter_names,
+        input_shape=observation.input_shape,
+        num_classes=observation.num_classes,
+        batch_size=observation.num_examples,
+    )
+
+
+def update_label_counts(observation: UpdateObservation) -> torch.Tensor:
+    """How many examples of each class a FedAvg client trained on, from its update alone.
+
+    One step on the whole batch is FedSGD: `batch_labels`' rule, exact where it
+    is.  Otherwise the update read as a mean gradient (`update_as_gradient`),
+    with the last layer evaluated at ``sent + (K - 1) / (2K) * update``, the
+    mean of the weights at which the K steps took their gradients if the
+    weights move evenly.  An estimate: see `inverting.py`'s module notes for
+    what it assumes and how often it is exact.
+
+    Returns:
+        Integer counts, ``(classes,)``, summing to the client's example count.
+
+    Raises:
+        AttackNotApplicable: No last Linear layer with a trainable bias, or one
+            whose outputs are not the classes.
+    """
+    pseudo = update_as_gradient(observation)
+    n = observation.num_examples
+    weight_name, bias_name = last_linear_layer(observation.model)
+    if bias_name is None or bias_name not in observation.parameter_names:
+        raise AttackNotApplicable(
+            "the label-count rule reads the update of the last Linear layer's bias and this "
+            "model's has none (or it is frozen); the labels cannot be read"
+        )
+    weight_gradient = pseudo.gradient(weight_name)
+    if weight_gradient.shape[0] != observation.num_classes:
+        raise AttackNotApplicable(
+            f"the last Linear layer has {weight_gradient.shape[0]} outputs, not the "
+            f"{observation.num_classes} classes; the label-count rule does not apply"
+        )
+    bias_gradient = pseudo.gradient(bias_name).double()
+    if observation.optimizer.kind != "sgd":
+        present = bias_gradient < 0
+        if int(present.sum()) > n:  # keep the n most clearly present classes
+            keep = torch.topk(-bias_gradient, n).indices
+            present = torch.zeros_like(present).index_fill_(0, keep, True)
+        mass = (-bias_gradient).clamp_min(0)
+        estimate = n * mass / mass.sum().clamp_min(1e-300)
+        return _round_counts(estimate, present, n)
+    share = (observation.steps - 1) / (2 * observation.steps)
+    weight, bias = (
+        observation.sent[name].to(weight_gradient) + share * observation.parameter_update(name)
+        for name in (weight_name, bias_name)
+    )
+    if int((bias_gradient < 0).sum()) > n:
+        # More classes look present than there are examples: the estimate has drifted (many
+        # steps, a large lr); keep the n most negative, as the counts must sum to n.
+        order = torch.argsort(bias_gradient)
+        bias_gradient = bias_gradient.clone()
+        bias_gradient[order[n:]] = bias_gradient[order[n:]].clamp_min(1e-30)
+    return batch_label_counts_from_gradients(weight_gradient, bias_gradient, weight, bias, n)
