@@ -8,6 +8,9 @@ from rich.console import Console
 from rich.table import Table
 
 from gradleak.cli.common import (
+    add_optimizer_options,
+    add_user_model_options,
+    client_optimizer,
     finish_loss_bar,
     index_list,
     loss_bar,
@@ -53,7 +56,8 @@ def add(commands: argparse._SubParsersAction) -> None:
     attack.add_argument(
         "--model",
         default="lenet",
-        help="lenet (default), lenet-dlg, resnet20, resnet56, convnet, resnet18",
+        help="lenet (default), lenet-dlg, resnet20, resnet56, convnet, resnet18, or your own "
+        "as package.module:Name (a class or function returning an nn.Module)",
     )
     attack.add_argument(
         "--weights",
@@ -90,6 +94,8 @@ def add(commands: argparse._SubParsersAction) -> None:
         help="train (default: BatchNorm on the client's batch statistics, as model.train()) "
         "or eval (on the running statistics the server sent: breaching's 'public buffers')",
     )
+    add_optimizer_options(client)
+    add_user_model_options(attack)
     attack.add_argument(
         "--iterations",
         type=positive_int,
@@ -148,6 +154,10 @@ def cmd_attack(args: argparse.Namespace, console: Console) -> None:
         num_classes=args.num_classes,
         batch_size=args.batch_size,
         indices=args.indices,
+        model_args=tuple(args.model_arg or ()),
+        input_shape=args.input_shape,
+        normalize=args.normalize,
+        optimizer=client_optimizer(args),
     )
     progress = loss_bar(console)
     bar: dict[str, int] = {}  # the task and its total, once the attack is known

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.progress import Progress, TaskID
@@ -86,3 +86,72 @@ def add_sweep_options(parser: argparse.ArgumentParser) -> None:
         help="run on Ray: local (start one here), auto or HOST:PORT (join a cluster); "
         'needs pip install "gradleak[ray]"',
     )
+
+
+def add_user_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model-arg, --input-shape and --normalize: the user's own model and input domain."""
+    group = parser.add_argument_group("your own model (--model package.module:Name)")
+    group.add_argument(
+        "--model-arg",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="a keyword argument for your model's class or function (repeatable; JSON values)",
+    )
+    group.add_argument(
+        "--input-shape",
+        type=shape_triple,
+        default=None,
+        metavar="C,H,W",
+        help="your model's input shape (default: read from the model)",
+    )
+    group.add_argument(
+        "--normalize",
+        default=None,
+        metavar="MEAN,STD",
+        help="the normalisation your data pipeline applies, e.g. 0.5,0.5 (or C means then C "
+        "stds); attacks work on pixels in [0, 1] and feed the model normalised input",
+    )
+
+
+def shape_triple(text: str) -> tuple[int, int, int]:
+    """``"3,32,32"`` -> ``(3, 32, 32)``."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected C,H,W (3 whole numbers), got '{text}'"
+        ) from None
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected C,H,W (3 whole numbers of 1 or more), got '{text}'"
+        )
+    return values  # type: ignore[return-value]
+
+
+def add_optimizer_options(group: argparse._ArgumentGroup) -> None:
+    """The client's optimiser: --optimizer, --momentum, --nesterov, --weight-decay."""
+    group.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=("sgd", "adam", "adamw"),
+        help="the client's optimiser (sgd)",
+    )
+    group.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (0)")
+    group.add_argument("--nesterov", action="store_true", help="SGD with Nesterov momentum")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (0)")
+
+
+def client_optimizer(args: argparse.Namespace) -> Any:
+    """The `ClientOptimizer` the options name; a bad combination is a usage error."""
+    from gradleak.types import ClientOptimizer
+
+    try:
+        return ClientOptimizer(
+            kind=args.optimizer,
+            momentum=args.momentum,
+            nesterov=args.nesterov,
+            weight_decay=args.weight_decay,
+        )
+    except ValueError as error:
+        fail(f"the client's optimiser: {error}")

@@ -18,6 +18,7 @@ import numpy as np
 from gradleak.data.builtin import SAMPLES, load_sample
 from gradleak.data.cifar import CIFAR10, CIFAR100, load_cifar
 from gradleak.data.dataset import ImageDataset, array_loader
+from gradleak.data.folder import fit_to_shape, is_image_folder, load_image_folder
 from gradleak.data.images import decode_image, load_image
 from gradleak.data.lfw import load_lfw
 from gradleak.data.locate import default_data_dir, resolve_data_dir
@@ -91,8 +92,9 @@ def load_dataset(
     split: str = "test",
     download: bool | None = None,
     num_classes: int | None = None,
+    shape: tuple[int, int, int] | None = None,
 ) -> ImageDataset:
-    """Load a dataset by name (or a single image by path).
+    """Load a dataset by name, a folder of class subfolders, or a single image by path.
 
     Files are looked for in ``data_dir``, ``data_dir/<usual subfolder>``,
     ``data_dir/<name>`` and ``data_dir/<name>/<usual subfolder>`` (usual subfolders:
@@ -108,6 +110,9 @@ def load_dataset(
             ``False`` never, ``None`` unless ``$GRADLEAK_NO_DOWNLOAD`` is set.
         num_classes: Number of classes; LFW defaults to 5749 (all its people), a
             single image to 10. For other datasets it may only raise the count.
+        shape: ``(C, H, W)`` the images are converted to (the model's input):
+            channels repeated or turned to luminance, size resized (`data.folder`).
+            None keeps the dataset's own (a folder's images must then be of one size).
 
     Returns:
         The dataset.
@@ -116,7 +121,18 @@ def load_dataset(
         ConfigError: Unknown name or split, or an impossible ``num_classes``.
         DataError: Files missing (and not downloadable), corrupt or empty.
     """
-    name = str(name)  # a pathlib.Path to an image is accepted too
+    dataset = _load(str(name), data_dir, split, download, num_classes, shape)
+    return dataset if shape is None else fit_to_shape(dataset, shape)
+
+
+def _load(
+    name: str,
+    data_dir: str | Path | None,
+    split: str,
+    download: bool | None,
+    num_classes: int | None,
+    shape: tuple[int, int, int] | None,
+) -> ImageDataset:
     key = _ALIASES.get(name.strip().lower(), name.strip().lower())
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}: choose test or train")
@@ -126,11 +142,21 @@ def load_dataset(
     if natural is not None and num_classes is not None and num_classes < natural:
         raise ConfigError(f"{key} has {natural} classes; num_classes={num_classes} is too few")
 
+    if key not in DATASETS and is_image_folder(Path(name).expanduser()):
+        if split != "test":
+            raise ConfigError(f"a folder of images has no {split!r} split; leave --split out")
+        folder = load_image_folder(Path(name), shape=shape)
+        if num_classes is not None and num_classes < folder.num_classes:
+            raise ConfigError(
+                f"{name} has {folder.num_classes} class folders; num_classes={num_classes} "
+                "is too few"
+            )
+        return folder
     if key not in DATASETS:
         if not (_looks_like_path(name) or Path(name).exists()):
             raise ConfigError(
-                f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)} "
-                "or give a path to an image"
+                f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}, "
+                "or give a folder of class subfolders of images, or a path to an image"
             )
         if split != "test":
             raise ConfigError(f"a single image has only a test split, not {split!r}")

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,13 @@ from gradleak.experiments.common import (
     use_cpu_threads,
     write_json,
 )
-from gradleak.models import MODELS, build_model
+from gradleak.models import MODELS, is_import_path, resolve_model
+from gradleak.models.user import normalize_input, parse_model_args, parse_normalization
 from gradleak.models.weights import load_weights
 from gradleak.outdir import prepare_out
 from gradleak.report import save_strip, save_strip_rows
 from gradleak.threat import observe, observe_update
-from gradleak.types import Observation, Reconstruction, UpdateObservation
+from gradleak.types import ClientOptimizer, Observation, Reconstruction, UpdateObservation
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,11 @@ class AttackRun:
     labels: str = "infer"
     batchnorm: str = "train"
     tv_scale: float | None = None  # IG's total-variation weight; None: the attack's own (0.2)
+    # The user's own model (`model` an import path) and input domain.
+    model_args: tuple[str, ...] = ()
+    input_shape: tuple[int, int, int] | None = None
+    normalize: str | None = None
+    optimizer: ClientOptimizer = field(default_factory=ClientOptimizer)
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -113,27 +119,45 @@ def run_attack(
     Returns:
         The metrics written to ``<out>/metrics.json``.
     """
-    if run.model not in MODELS:
-        raise ConfigError(f"unknown model '{run.model}': choose one of {', '.join(MODELS)}")
+    if not is_import_path(run.model) and run.model not in MODELS:
+        raise ConfigError(
+            f"unknown model '{run.model}': choose one of {', '.join(MODELS)}, "
+            "or give your own as package.module:Name"
+        )
     attack = _build_attack(run)  # None for auto: picked once the observation is there
     device = resolve_device(run.device)
     use_cpu_threads(device)
-    dataset = load_dataset(run.dataset, data_dir=run.data_dir, num_classes=run.num_classes)
+    # The third seed (the client's order of mini-batches) leaves the first two as they were.
+    model_seed, attack_seed, client_seed = derive_seeds(run.seed, 3)
+    user_model = None
+    if is_import_path(run.model):
+        # The user's model fixes the input shape; their data is fitted to it.
+        user_model = resolve_model(
+            run.model, input_shape=run.input_shape, num_classes=None, seed=model_seed,
+            width=run.width, model_args=parse_model_args(list(run.model_args)),
+        )  # fmt: skip
+        shape = user_model.gradleak_spec.input_shape
+    else:
+        shape = run.input_shape
+    dataset = load_dataset(
+        run.dataset, data_dir=run.data_dir, num_classes=run.num_classes, shape=shape
+    )
     indices = victim_indices(run, len(dataset), dataset.name)
     victims = [dataset[i] for i in indices]
     images = torch.stack([image for image, _ in victims])
     labels = [label for _, label in victims]
     out = prepare_out(run.out)  # before the attack: a bad --out must not lose it
 
-    # The third seed (the client's order of mini-batches) leaves the first two as they were.
-    model_seed, attack_seed, client_seed = derive_seeds(run.seed, 3)
-    model = build_model(
+    model = user_model or resolve_model(
         run.model,
         input_shape=dataset.shape,
         num_classes=dataset.num_classes,
         seed=model_seed,
         width=run.width,
+        model_args=parse_model_args(list(run.model_args)),
     )
+    if run.normalize is not None:
+        normalize_input(model, parse_normalization(run.normalize, dataset.shape[0]))
     if run.weights is not None:
         load_weights(model, run.weights)  # one line if they are another model's
     model = model.to(device)
@@ -158,6 +182,7 @@ def run_attack(
             local_batch=run.local_batch,
             seed=client_seed,
             batchnorm=run.batchnorm,
+            optimizer=run.optimizer,
         )
 
     method, reason = run.method, ""
@@ -231,6 +256,8 @@ def run_attack(
         "local_steps": run.local_steps,
         "local_batch": run.local_batch or len(indices),
         "local_lr": run.local_lr,
+        "optimizer": run.optimizer.to_json(),
+        "normalize": run.normalize,
         "batchnorm": run.batchnorm,
         "device": str(device),
         "config": asdict(attack.config),

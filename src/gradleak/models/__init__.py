@@ -18,6 +18,13 @@ from gradleak.errors import ConfigError
 from gradleak.models.convnet import CONVNET_WIDTH, RESNET18_WIDTH, ConvNet, ResNet18
 from gradleak.models.lenet import LeNet, uniform_init_
 from gradleak.models.resnet import CifarResNet
+from gradleak.models.user import (
+    build_user_model,
+    fingerprint,
+    infer_input_shape,
+    is_import_path,
+    num_classes_of,
+)
 from gradleak.models.weights import ModelSpec, load_weights, model_spec, read_metadata, save_weights
 
 ModelFactory = Callable[..., nn.Module]
@@ -100,8 +107,55 @@ def build_model(
     return model
 
 
+def resolve_model(
+    name: str,
+    *,
+    input_shape: tuple[int, int, int] | None,
+    num_classes: int | None,
+    seed: int | None = None,
+    width: int | None = None,
+    model_args: dict | None = None,
+) -> nn.Module:
+    """A registry model by name, or the user's own from an import path ``pkg.module:Name``.
+
+    The user's model decides its own input shape and class count: `input_shape`
+    is checked against it where given and read from it otherwise
+    (`models.user.infer_input_shape`); `num_classes` (the data's) must not
+    exceed its outputs.  Either way the model carries a `ModelSpec`, so that
+    its weights save and load with a check (the spec's name is the import path).
+
+    Raises:
+        ConfigError: An unknown name, a path that does not import, or a model
+            that cannot take the data's shape or classes.
+    """
+    if not is_import_path(name):
+        if model_args:
+            raise ConfigError("--model-arg is for a model given by import path (pkg.module:Name)")
+        if input_shape is None or num_classes is None:
+            raise ConfigError(f"model '{name}' needs an input shape and a class count")
+        return build_model(
+            name, input_shape=input_shape, num_classes=num_classes, seed=seed, width=width
+        )
+    if width is not None:
+        raise ConfigError("--width is for convnet and resnet18; give your model's own arguments "
+                          "with --model-arg KEY=VALUE")  # fmt: skip
+    model = build_user_model(name, model_args, seed=seed)
+    shape = tuple(int(s) for s in input_shape) if input_shape else infer_input_shape(model)
+    outputs = num_classes_of(model, shape)
+    if num_classes is not None and num_classes > outputs:
+        raise ConfigError(
+            f"{name} has {outputs} outputs but the data has {num_classes} classes; "
+            "give data with at most as many classes, or build the model with more outputs"
+        )
+    model.gradleak_spec = ModelSpec(name=name, input_shape=shape, num_classes=outputs)
+    return model
+
+
 __all__ = [
     "MODELS",
+    "fingerprint",
+    "is_import_path",
+    "resolve_model",
     "WIDTHS",
     "CifarResNet",
     "ConvNet",
