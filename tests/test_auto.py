@@ -54,7 +54,7 @@ def test_relu_models_and_multi_step_updates_get_inverting_gradients(digits: tupl
     update = observe_update(lenet(), x, y, local_lr=0.01, local_steps=2, local_batch=2, seed=0)
     several = choose_attack(update)
     assert isinstance(several.attack, InvertingGradients) and several.observation is update
-    assert "2 local SGD steps" in several.reason
+    assert "2 local steps (sgd)" in several.reason
 
 
 def test_a_one_step_update_is_attacked_as_the_gradient_it_amounts_to(digits: tuple) -> None:

@@ -26,13 +26,14 @@ The label rules each attack uses are in `labels.py` and `inverting.py`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 from gradleak.attacks.analytic import sigmoid_conv_chain
 from gradleak.attacks.dlg import IDLG, AttackConfig, GradientInversion
 from gradleak.attacks.inverting import IGConfig, InvertingGradients
+from gradleak.models.user import normalization_of
 from gradleak.types import Observation, UpdateObservation
 
 __all__ = ["Choice", "choose_attack", "piecewise_linear_layers"]
@@ -69,6 +70,14 @@ class Choice:
     reason: str
 
 
+_SMOOTH = (nn.Sigmoid, nn.Tanh, nn.Softplus, nn.SiLU, nn.GELU, nn.ELU, nn.Mish)
+
+
+def smooth_layers(model: nn.Module) -> list[str]:
+    """The names of the model's smooth activation modules (Sigmoid, Tanh, ...)."""
+    return [name for name, m in model.named_modules() if isinstance(m, _SMOOTH)]
+
+
 def piecewise_linear_layers(model: nn.Module) -> list[str]:
     """The names of the model's layers that are piecewise linear (ReLU, max-pooling)."""
     return [name for name, m in model.named_modules() if isinstance(m, _PIECEWISE)]
@@ -92,7 +101,14 @@ def choose_attack(
         The attack, the observation to run it on and the reason.
     """
     if isinstance(observation, UpdateObservation):
-        if observation.steps == 1 and observation.batch_size == observation.num_examples:
+        linear_first_step = observation.optimizer.kind == "sgd" and not (
+            observation.optimizer.nesterov or observation.optimizer.weight_decay
+        )  # its first step is -lr x the gradient (momentum starts at the gradient itself)
+        if (
+            observation.steps == 1
+            and observation.batch_size == observation.num_examples
+            and linear_first_step
+        ):
             gradient = one_step_gradient(observation)
             choice = choose_attack(gradient, iterations=iterations, ig=ig)
             reason = f"one local step on the whole batch sends -lr x the gradient; {choice.reason}"
@@ -101,10 +117,20 @@ def choose_attack(
             _inverting(ig, iterations),
             "ig",
             observation,
-            f"Inverting Gradients: {observation.steps} local SGD steps sent an update, "
+            f"Inverting Gradients: {observation.steps} local steps "
+            f"({observation.optimizer.describe()}) sent an update, "
             "which only an attack that unrolls the client's training can match",
         )
     kinks = piecewise_linear_layers(observation.model)
+    if not kinks and not smooth_layers(observation.model):
+        return Choice(
+            _inverting(ig, iterations),
+            "ig",
+            observation,
+            "Inverting Gradients: the model has no Sigmoid or Tanh layer among its modules, so "
+            "its activations are called as functions (F.relu, ...), which cannot be seen: "
+            "taken as piecewise linear, through which L-BFGS gradient matching stalls",
+        )
     if kinks:
         return Choice(
             _inverting(ig, iterations),
@@ -114,14 +140,22 @@ def choose_attack(
             f"{type(observation.model.get_submodule(kinks[0])).__name__}), through which "
             "L-BFGS gradient matching stalls",
         )
-    config = AttackConfig(improved=True)
+    # The closed form solves for what the first layer sees; under a normalisation that is
+    # not the image, so it is left out there.
+    normalised = normalization_of(observation.model) is not None
+    config = AttackConfig(improved=True, warm_start="none" if normalised else "auto")
     if iterations is not None:
-        config = AttackConfig(improved=True, iterations=iterations)
-    closed_form = observation.batch_size == 1 and sigmoid_conv_chain(observation) is not None
+        config = replace(config, iterations=iterations)
+    closed_form = (
+        not normalised
+        and observation.batch_size == 1
+        and sigmoid_conv_chain(observation) is not None
+    )
     start = (
         "a closed-form start from the layer structure"
         if closed_form
-        else "a mid-grey start (the closed form needs one example of a sigmoid conv chain)"
+        else "a mid-grey start (the closed form needs one example of a sigmoid conv chain "
+        "fed raw pixels)"
     )
     labels = "iDLG's rule" if observation.batch_size == 1 else "the batch label rule"
     return Choice(

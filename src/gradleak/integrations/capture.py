@@ -55,25 +55,40 @@ NODE_FILE = re.compile(r"node-(\d+)\.json")
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The model the clients train, as `gradleak.models.build_model` builds it.
+    """The model the clients train: a registry name, or the user's own by import path.
 
     Attributes:
-        name: A registry name ("lenet", "convnet", ...).
+        name: A registry name ("lenet", "convnet", ...) or an import path
+            ``package.module:Name`` of the user's class or factory.  A path is
+            recorded, never imported from a capture: the audit imports only
+            the path its user gives on the command line, and checks the model
+            it builds against `fingerprint`.
         input_shape: ``(channels, height, width)`` of one example.
         num_classes: Number of classes.
         width: Base width of "convnet" or "resnet18"; None for the others.
+        fingerprint: ``sha256:...`` of the architecture (every parameter's and
+            buffer's name, shape and dtype; `models.user.fingerprint`), or None.
+        normalize: The clients' input normalisation, ``{"mean": [...], "std":
+            [...]}`` per channel, or None for pixels fed as they are.
+        model_args: Keyword arguments of the user's class or factory.
     """
 
     name: str
     input_shape: tuple[int, int, int]
     num_classes: int
     width: int | None = None
+    fingerprint: str | None = None
+    normalize: dict[str, list[float]] | None = None
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from gradleak.models import MODELS
+        from gradleak.models import MODELS, is_import_path
 
-        if self.name not in MODELS:
-            raise ConfigError(f"unknown model '{self.name}': choose one of {', '.join(MODELS)}")
+        if not is_import_path(self.name) and self.name not in MODELS:
+            raise ConfigError(
+                f"unknown model '{self.name}': choose one of {', '.join(MODELS)}, "
+                "or give your own as package.module:Name"
+            )
         shape = tuple(self.input_shape)
         if len(shape) != 3 or not all(whole(s) and s >= 1 for s in shape):
             raise ConfigError(
@@ -85,7 +100,20 @@ class ModelInfo:
             )
         if self.width is not None and (not whole(self.width) or self.width < 1):
             raise ConfigError(f"width must be a whole number 1 or more, got {self.width!r}")
+        if self.fingerprint is not None and not re.fullmatch(
+            r"sha256:[0-9a-f]{64}", self.fingerprint
+        ):
+            raise ConfigError(
+                f"a model fingerprint is sha256:<64 hex digits>, got {self.fingerprint!r}"
+            )
+        if self.normalize is not None:
+            _check_normalize(self.normalize, shape[0])
         object.__setattr__(self, "input_shape", tuple(int(s) for s in shape))
+
+    @property
+    def user_model(self) -> bool:
+        """Whether this is the user's own model (an import path), not a registry name."""
+        return ":" in self.name
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +121,9 @@ class ModelInfo:
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
             "width": self.width,
+            "fingerprint": self.fingerprint,
+            "normalize": self.normalize,
+            "model_args": dict(self.model_args),
         }
 
     @classmethod
@@ -102,10 +133,31 @@ class ModelInfo:
         shape = value["input_shape"]
         if not isinstance(shape, list):
             raise DataError(f"{where}: model input_shape must be a list of 3 numbers")
+        args = value.get("model_args") or {}
+        if not isinstance(args, dict):
+            raise DataError(f"{where}: model_args must be a JSON object")
         try:
-            return cls(str(value["name"]), tuple(shape), value["num_classes"], value.get("width"))
-        except ConfigError as error:
+            return cls(
+                str(value["name"]), tuple(shape), value["num_classes"], value.get("width"),
+                value.get("fingerprint"), value.get("normalize"), dict(args),
+            )  # fmt: skip
+        except (ConfigError, TypeError) as error:
             raise DataError(f"{where}: {error}") from None
+
+
+def _check_normalize(value: Any, channels: int) -> None:
+    if not isinstance(value, dict) or set(value) != {"mean", "std"}:
+        raise ConfigError("normalize must be {'mean': [...], 'std': [...]}")
+    mean, std = value["mean"], value["std"]
+    ok = (
+        isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == channels
+        and all(isinstance(v, int | float) and math.isfinite(v) for v in mean + std)
+        and all(v > 0 for v in std)
+    )  # fmt: skip
+    if not ok:
+        raise ConfigError(
+            f"normalize needs {channels} finite means and {channels} stds above 0, got {value!r}"
+        )
 
 
 @dataclass(frozen=True)

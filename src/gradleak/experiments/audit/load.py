@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradleak.errors import DataError
+from gradleak.errors import ConfigError, DataError
 from gradleak.integrations.capture import PRIVATE_FOLDER, ModelInfo, Records
 from gradleak.integrations.reader import Capture, Exchange, inside, load_arrays
 from gradleak.models import build_model
-from gradleak.types import Observation, UpdateObservation
+from gradleak.models.user import Normalization, build_user_model, fingerprint, normalize_input
+from gradleak.types import ClientOptimizer, Observation, UpdateObservation
 
 # Flower's DP wrappers send the clipping norm to the clients under this key
 # (flwr.supercore.differential_privacy.KEY_CLIPPING_NORM).
@@ -92,6 +93,76 @@ class Target:
         return norm is not None and abs(self.update_norm - norm) <= CLIPPED_WITHIN * norm
 
 
+@dataclass(frozen=True)
+class ClientSchedule:
+    """What the server's operator knows of the clients' training beyond the train config.
+
+    A Flower app sends some of its schedule in the train config (Flower's
+    quickstart sends only ``lr``) and keeps the rest in its run config
+    (``local-epochs``, ``batch-size`` in ``pyproject.toml``), which the
+    operator wrote.  A value the train config sent wins over these; a value
+    neither gives is one line naming the key.
+
+    Attributes:
+        lr: The local learning rate.
+        local_steps: Mini-batch steps per round.
+        epochs: Passes over the client's examples per round.
+        batch_size: Examples per mini-batch.
+        optimizer: The client's optimiser (never in a train config).
+        drop_last: Whether the client's loader drops a short last mini-batch.
+        source: Where these came from, for the report ("--local-epochs ...",
+            "pyproject.toml").
+    """
+
+    lr: float | None = None
+    local_steps: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: ClientOptimizer = ClientOptimizer()
+    drop_last: bool = False
+    source: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr, "local_steps": self.local_steps, "epochs": self.epochs,
+            "batch_size": self.batch_size, "optimizer": self.optimizer.to_json(),
+            "drop_last": self.drop_last, "source": self.source,
+        }  # fmt: skip
+
+
+def build_from_info(info: ModelInfo, *, seed: int = 0) -> nn.Module:
+    """The clients' model as `info` describes it, normalising its input where they do.
+
+    A user model is built from its import path (which the caller has checked
+    is the one its user gave) and must match the recorded fingerprint.
+
+    Raises:
+        ConfigError: The model does not import, or its architecture is not the
+            one the capture recorded.
+    """
+    if info.user_model:
+        model = build_user_model(info.name, info.model_args, seed=seed)
+        if info.fingerprint is not None and fingerprint(model) != info.fingerprint:
+            raise ConfigError(
+                f"--model {info.name} builds another architecture than the clients trained "
+                f"(fingerprint {fingerprint(model)[:19]}... against the capture's "
+                f"{info.fingerprint[:19]}...): give the model class the app used, with its "
+                "arguments (--model-arg)"
+            )
+    else:
+        model = build_model(
+            info.name,
+            input_shape=info.input_shape,
+            num_classes=info.num_classes,
+            width=info.width,
+            seed=seed,
+        )
+    if info.normalize is not None:
+        normalize_input(model, Normalization(tuple(info.normalize["mean"]),
+                                             tuple(info.normalize["std"])))  # fmt: skip
+    return model
+
+
 def plan_items(exchanges: list[Exchange]) -> tuple[list[Item], list[str]]:
     """The targets: one per replying node and round, or one per round of identical replies.
 
@@ -133,6 +204,7 @@ def load_target(
     model_info: ModelInfo,
     *,
     with_truth: bool = True,
+    schedule: ClientSchedule | None = None,
 ) -> Target:
     """Read and check everything `item` needs; build its observation.
 
@@ -143,13 +215,7 @@ def load_target(
     parts = [exchanges[s] for s in item.sidecars]
     first = parts[0]
     where = first.sidecar if not item.aggregate else f"round {item.round} (aggregate)"
-    model = build_model(
-        model_info.name,
-        input_shape=model_info.input_shape,
-        num_classes=model_info.num_classes,
-        width=model_info.width,
-        seed=0,
-    )
+    model = build_from_info(model_info)
     sent = _fit(model, load_arrays(capture, first.sent, f"{first.sidecar} (sent)"), first.sidecar)
     assert first.reply is not None
     returned = _fit(
@@ -157,7 +223,8 @@ def load_target(
     )
     model.load_state_dict(sent, strict=True)
     model.train()  # a Flower client trains in train mode
-    schedule = _schedule(capture, first, model_info)
+    known = schedule or ClientSchedule()
+    lr, steps, epochs, batch = _schedule(capture, first, known)
     counts = [e.num_examples for e in parts]
     if any(c is None or c < 1 for c in counts):
         raise DataError(
@@ -170,16 +237,17 @@ def load_target(
     norm = math.sqrt(sum(float((u**2).sum()) for u in update))
     if norm == 0.0:
         raise DataError(f"{where}: the returned weights equal the sent ones; nothing to audit")
-    lr, steps, epochs, batch = schedule
     own = int(first.num_examples or 0)  # one client's examples: what its schedule runs over
-    total_steps = steps if steps is not None else (epochs or 0) * -(-own // (batch or own))
     whole_batch = batch is None or batch >= own
-    if item.aggregate and not (total_steps == 1 and whole_batch):
+    drop_last = known.drop_last and not whole_batch
+    size = own if whole_batch else int(batch or own)
+    per_epoch = own // size if drop_last else -(-own // size)
+    total_steps = steps if steps is not None else (epochs or 0) * per_epoch
+    if total_steps < 1:
         raise DataError(
-            f"{where}: an aggregate of {len(parts)} clients of {total_steps} local steps each; "
-            "the audit attacks aggregates of one-step clients only"
+            f"{where}: {own} examples in mini-batches of {size} with drop_last leave no step"
         )
-    if total_steps == 1 and whole_batch:
+    if total_steps == 1 and whole_batch and known.optimizer.plain:
         # One step on the whole batch (or the example-weighted mean of such steps, an
         # aggregate): -update / lr is the gradient of the mean loss over all its examples.
         observation: Observation | UpdateObservation = Observation(
@@ -192,6 +260,10 @@ def load_target(
             batchnorm="train",  # a Flower client trains with model.train()
         )
     else:
+        # An aggregate of several clients' updates is read as one client over all their
+        # examples taking one client's number of steps: right for the label counts (the
+        # update is the example-weighted mean of the clients'), a model of it for images.
+        aggregate = item.aggregate
         observation = UpdateObservation(
             model=model,
             sent={k: v.clone() for k, v in sent.items()},
@@ -202,10 +274,12 @@ def load_target(
             num_classes=model_info.num_classes,
             num_examples=num_examples,
             local_lr=lr,
-            local_steps=steps,
-            epochs=epochs,
-            local_batch=None if whole_batch else batch,
+            local_steps=total_steps if aggregate else steps,
+            epochs=None if aggregate else epochs,
+            local_batch=None if whole_batch or aggregate else batch,
             batchnorm="train",
+            optimizer=known.optimizer,
+            drop_last=drop_last and not aggregate,
         )
     truth = _truth(capture, parts, model_info, num_examples) if with_truth else None
     clipping = _number(_config_value(first, CLIPPING_KEY))
@@ -288,24 +362,32 @@ def _misfit(expected: dict[str, torch.Tensor], arrays: dict[str, Any]) -> str | 
 
 
 def _schedule(
-    capture: Capture, exchange: Exchange, info: ModelInfo
+    capture: Capture, exchange: Exchange, known: ClientSchedule
 ) -> tuple[float, int | None, int | None, int | None]:
+    """The local schedule: the train config sent, else what the operator said (`known`)."""
     keys = capture.schedule
     lr = _number(_config_value(exchange, keys.lr))
+    if lr is None:
+        lr = known.lr
     if lr is None or not math.isfinite(lr) or lr <= 0:
         raise DataError(
             f"{exchange.sidecar}: the train config sent has no positive learning rate under "
-            f"'{keys.lr}'; tell LeakageAudit the key (schedule_keys=ScheduleKeys(lr=...))"
+            f"'{keys.lr}'; give it with --lr (or --flwr-app APP), or tell LeakageAudit the key "
+            "(schedule_keys=ScheduleKeys(lr=...))"
         )
     steps = _count(exchange, keys.local_steps)
     epochs = _count(exchange, keys.epochs)
+    if steps is None and epochs is None:
+        steps, epochs = known.local_steps, known.epochs
     if (steps is None) == (epochs is None):
         raise DataError(
-            f"{exchange.sidecar}: the train config sent must give exactly one of "
-            f"'{keys.local_steps}' and '{keys.epochs}'; tell LeakageAudit the keys "
-            "(schedule_keys=...)"
+            f"{exchange.sidecar}: the train config sent gives neither '{keys.local_steps}' nor "
+            f"'{keys.epochs}' (or both); give --local-epochs N or --local-steps K "
+            "(or --flwr-app APP to read the app's run config)"
         )
     batch = _count(exchange, keys.batch_size)
+    if batch is None:
+        batch = known.batch_size
     return lr, steps, epochs, batch
 
 
