@@ -16,7 +16,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gradleak.cli.common import EXIT_USAGE, add_sweep_options, non_negative_int, positive_int
+from gradleak.cli.common import (
+    EXIT_USAGE,
+    add_optimizer_options,
+    add_sweep_options,
+    client_optimizer,
+    non_negative_int,
+    positive_int,
+)
 from gradleak.cli.train import positive_float
 from gradleak.errors import ConfigError
 from gradleak.progress_bars import StageBars
@@ -76,10 +83,51 @@ def add(commands: argparse._SubParsersAction) -> None:
     audit.add_argument("--out", default="runs/audit", help="where the report goes (runs/audit)")
     _attack_options(audit)
     model = audit.add_argument_group("the model, when the capture does not name it")
-    model.add_argument("--model", default=None, help="a gradleak model name, e.g. lenet")
+    model.add_argument(
+        "--model",
+        default=None,
+        help="a gradleak model name (e.g. lenet), or your app's own as package.module:Name "
+        "(e.g. app.task:Net, run from the app's folder); checked against the capture",
+    )
     model.add_argument("--input-shape", type=shape, default=None, help="C,H,W, e.g. 1,28,28")
     model.add_argument("--num-classes", type=positive_int, default=None, help="e.g. 10")
     model.add_argument("--width", type=positive_int, default=None, help="convnet/resnet18 width")
+    model.add_argument(
+        "--model-arg",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="a keyword argument of your model's class or function (repeatable)",
+    )
+    model.add_argument(
+        "--normalize",
+        default=None,
+        metavar="MEAN,STD",
+        help="the clients' input normalisation, e.g. 0.5,0.5 (or C means then C stds)",
+    )
+    schedule = audit.add_argument_group(
+        "the clients' training, where the train config does not say it"
+    )
+    schedule.add_argument(
+        "--flwr-app",
+        default=None,
+        metavar="APP",
+        help="a Flower app folder: read lr, local-epochs and batch-size from its pyproject.toml",
+    )
+    schedule.add_argument("--lr", type=positive_float, default=None, help="local learning rate")
+    schedule.add_argument("--local-epochs", type=positive_int, default=None, help="epochs (E)")
+    schedule.add_argument("--local-steps", type=positive_int, default=None, help="steps (K)")
+    schedule.add_argument("--batch-size", type=positive_int, default=None, help="mini-batch (b)")
+    schedule.add_argument(
+        "--drop-last", action="store_true", help="the clients drop a short last mini-batch"
+    )
+    add_optimizer_options(schedule)
+    schedule.add_argument(
+        "--max-examples",
+        type=non_negative_int,
+        default=16,
+        help="rebuild images for clients of at most this many examples (16); labels always",
+    )
     add_sweep_options(audit)
     audit.set_defaults(handler=cmd_audit)
 
@@ -140,16 +188,8 @@ def add(commands: argparse._SubParsersAction) -> None:
 
 def cmd_audit(args: argparse.Namespace, console: Console) -> None:
     from gradleak.experiments.audit.run import AuditRun, run_audit
-    from gradleak.integrations.capture import ModelInfo
 
-    model = None
-    given = [args.input_shape is not None, args.num_classes is not None]
-    if args.model is not None:
-        if not all(given):
-            raise ConfigError("--model needs --input-shape C,H,W and --num-classes N")
-        model = ModelInfo(args.model, args.input_shape, args.num_classes, args.width)
-    elif any(given) or args.width is not None:
-        raise ConfigError("--input-shape, --num-classes and --width go with --model")
+    model = audit_model(args)
     run = AuditRun(
         captures=args.captures,
         out=args.out,
@@ -161,11 +201,77 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> None:
         workers=args.workers,
         ray=args.ray,
         command=shlex.join(["gradleak", *args.argv]),
+        schedule=audit_schedule(args),
+        max_examples=args.max_examples,
     )
     with StageBars(console, "") as bars:
         result = run_audit(run, callback=bars)
     _print(console, result.summary, args.out)
     _refused(result.problems)
+
+
+def audit_model(args: argparse.Namespace) -> Any:
+    """The `ModelInfo` the options name, or None to take the capture's."""
+    from gradleak.integrations.capture import ModelInfo
+    from gradleak.models import is_import_path, resolve_model
+    from gradleak.models.user import parse_model_args, parse_normalization
+
+    given = [args.input_shape is not None, args.num_classes is not None]
+    if args.model is None:
+        if any(given) or args.width is not None or args.model_arg:
+            raise ConfigError(
+                "--input-shape, --num-classes, --width and --model-arg go with --model"
+            )
+        if args.normalize is not None:
+            raise ConfigError("--normalize goes with --model (the capture records its own)")
+        return None
+    model_args = parse_model_args(args.model_arg)
+    if is_import_path(args.model):
+        # Built here to learn its shape and classes; the audit checks its fingerprint.
+        built = resolve_model(
+            args.model, input_shape=args.input_shape, num_classes=None, model_args=model_args
+        )
+        spec = built.gradleak_spec
+        input_shape, num_classes = spec.input_shape, spec.num_classes
+    else:
+        if not all(given):
+            raise ConfigError("--model NAME needs --input-shape C,H,W and --num-classes N")
+        input_shape, num_classes = args.input_shape, args.num_classes
+    normalize = None
+    if args.normalize is not None:
+        normalize = parse_normalization(args.normalize, input_shape[0]).to_json()
+    return ModelInfo(args.model, input_shape, num_classes, args.width, None, normalize, model_args)
+
+
+def audit_schedule(args: argparse.Namespace) -> Any:
+    """The `ClientSchedule` from --flwr-app and the schedule options (options win)."""
+    from gradleak.experiments.audit.app import schedule_from_app
+    from gradleak.experiments.audit.load import ClientSchedule
+
+    values: dict[str, Any] = {}
+    sources = []
+    if args.flwr_app is not None:
+        values, file = schedule_from_app(args.flwr_app)
+        sources.append(file)
+    options = {
+        "lr": args.lr, "epochs": args.local_epochs, "local_steps": args.local_steps,
+        "batch_size": args.batch_size,
+    }  # fmt: skip
+    given = {k: v for k, v in options.items() if v is not None}
+    if args.local_epochs is not None and args.local_steps is not None:
+        raise ConfigError("give --local-epochs or --local-steps, not both")
+    if given.keys() & {"epochs", "local_steps"}:
+        values.pop("epochs", None)
+        values.pop("local_steps", None)
+    values |= given
+    if given:
+        sources.append("options")
+    return ClientSchedule(
+        **values,
+        optimizer=client_optimizer(args),
+        drop_last=args.drop_last,
+        source=" + ".join(sources),
+    )
 
 
 def cmd_flower_demo(args: argparse.Namespace, console: Console) -> None:
@@ -221,6 +327,7 @@ def _print(console: Console, summary: dict[str, Any], out: str) -> None:
         "labels: true -> read",
         "MSE",
         "rebuilt",
+        "verdict",
     ):
         table.add_column(column)
     for e in summary["entries"]:
@@ -230,13 +337,15 @@ def _print(console: Console, summary: dict[str, Any], out: str) -> None:
         mse = "n/a" if e["mse"] is None else f"{e['mse']:.1e}"
         if e["error"]:
             rebuilt = "not audited" if e["method"] is None else "attack failed"
+        elif e["method"] == "labels":
+            rebuilt = "labels only"
         elif e["images_rebuilt"] is None:
             rebuilt = "matched" if e["converged"] else "not matched"
         else:
             rebuilt = f"{e['images_rebuilt']}/{e['num_examples']}"
         table.add_row(
             str(e["round"]), node, str(e["shared"] or "-"), str(e["method"] or "-"),
-            f"{true} -> {read}", mse, rebuilt,
+            f"{true} -> {read}", mse, rebuilt, e.get("verdict") or "",
         )  # fmt: skip
     console.print(table)
     for line in verdict(summary):

@@ -30,8 +30,9 @@ KEYS = (
     "round", "node_id", "nodes", "num_examples", "shared", "lr", "local_steps", "epochs",
     "local_batch", "clipping_norm", "clipped", "update_norm", "update_cosine", "method", "reason",
     "true_labels", "predicted_labels", "label_accuracy", "mse", "psnr", "ssim", "per_image_mse",
-    "images_rebuilt", "matching_loss", "converged", "iterations", "seconds", "strip", "leaked",
-    "error",
+    "images_rebuilt", "per_image_psnr", "per_image_ssim", "images_recognisable",
+    "label_counts_true", "label_counts_read", "histogram_error", "class_set_exact", "verdict",
+    "matching_loss", "converged", "iterations", "seconds", "strip", "leaked", "error",
 )  # fmt: skip
 
 
@@ -82,6 +83,14 @@ def leaked(row: Mapping[str, Any], rebuilt_mse: float) -> str:
     if row.get("error"):
         return "not attacked"
     n = row["num_examples"]
+    if row.get("method") == "labels":
+        if row.get("histogram_error") is not None:
+            exact = "exact" if row["class_set_exact"] else "not exact"
+            return (
+                f"labels only (images not attacked): {row['histogram_error']:.0%} of the "
+                f"histogram misplaced, class set {exact}"
+            )
+        return "labels only (images not attacked, no ground truth to score the histogram)"
     if row.get("mse") is not None or row.get("label_accuracy") is not None:
         images = row.get("images_rebuilt") or 0
         accuracy = row.get("label_accuracy") or 0.0
@@ -177,6 +186,20 @@ def _round_verdict(here: list[dict], refused: list[dict], bar: float) -> str:
             f"{matched} of {len(unscored)} updates matched by the attack (no ground truth to "
             "score them: see the strips)"
         )
+    histograms = [e for e in here if e.get("histogram_error") is not None]
+    if histograms:
+        exact = sum(1 for e in histograms if e["class_set_exact"])
+        mean = sum(e["histogram_error"] for e in histograms) / len(histograms)
+        parts.append(
+            f"label histograms read from {len(histograms)} updates: the exact class set for "
+            f"{exact} of {len(histograms)}, {mean:.0%} of examples misplaced on average"
+        )
+    recognisable = [e for e in here if e.get("images_recognisable") is not None]
+    if recognisable:
+        count = sum(e["images_recognisable"] for e in recognisable)
+        total = sum(e["num_examples"] for e in recognisable)
+        parts.append(f"{count} of {total} attacked images recognisable (PSNR >= 20 dB or "
+                     "SSIM >= 0.6)")  # fmt: skip
     if refused:
         parts.append(f"{len(refused)} not audited (see Problems)")
     return "; ".join(parts) + "." if parts else "nothing audited."
@@ -278,6 +301,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
             f"{_num(e['ssim'], '.3f')} | {_num(e['update_cosine'], '.3f')} | "
             f"{e['error'] or e['leaked']} |"
         )
+    lines += _histogram_table(entries)
     strips = [e for e in entries if e.get("strip")]
     if strips:
         lines += ["", "## Reconstructions", ""]
@@ -320,6 +344,43 @@ def markdown(summary: Mapping[str, Any]) -> str:
     if summary["problems"]:
         lines += ["", "## Problems", ""] + [f"- {p}" for p in summary["problems"]]
     return "\n".join(lines) + "\n"
+
+
+def _histogram_table(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per client: the labels it held, the histogram read from its update, and the verdict."""
+    rows = [e for e in entries if e.get("label_counts_read") is not None or e.get("verdict")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Labels and verdict per client",
+        "",
+        "Histogram error: the share of the client's examples the histogram read from its "
+        "update puts in a wrong class (0 exact, 1 all wrong). Verdict: `images` when an image "
+        "is recognisable (PSNR >= 20 dB or SSIM >= 0.6), `label histogram` when at most 10% of "
+        "it is misplaced, `class set` when only the classes are right.",
+        "",
+        "| round | node | examples | held (class x count) | read | histogram error | "
+        "class set | recognisable images | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in rows:
+        node = "aggregate" if e["node_id"] is None else e["node_id"]
+        exact = e.get("class_set_exact")
+        lines.append(
+            f"| {e['round']} | {node} | {e['num_examples']} | {_counts(e.get('label_counts_true'))}"
+            f" | {_counts(e.get('label_counts_read'))} | {_num(e.get('histogram_error'), '.0%')} | "
+            f"{'n/a' if exact is None else ('exact' if exact else 'not exact')} | "
+            f"{'n/a' if e.get('images_recognisable') is None else e['images_recognisable']} | "
+            f"{e.get('verdict') or ''} |"
+        )
+    return lines
+
+
+def _counts(histogram: Mapping[str, int] | None) -> str:
+    if histogram is None:
+        return "?"
+    return " ".join(f"{c}x{n}" for c, n in histogram.items())
 
 
 def _render_strip(out: Path, row: Mapping[str, Any]) -> bool:

@@ -38,25 +38,43 @@ import torch
 
 import gradleak
 from gradleak import metrics
+from gradleak.attacks.labels import batch_labels, update_label_counts
 from gradleak.errors import AttackNotApplicable, ConfigError, GradleakError
 from gradleak.experiments.audit import report
 from gradleak.experiments.audit.choose import IG_TV_SCALE, METHODS, choose_attack
-from gradleak.experiments.audit.load import Item, Target, load_target, plan_items
+from gradleak.experiments.audit.load import (
+    ClientSchedule,
+    Item,
+    Target,
+    build_from_info,
+    load_target,
+    plan_items,
+)
 from gradleak.experiments.common import finite_or_none, use_cpu_threads
 from gradleak.integrations.capture import ModelInfo
 from gradleak.integrations.reader import Capture, Exchange, read_capture, read_exchanges
+from gradleak.models.user import fingerprint
 from gradleak.outdir import prepare_out
 from gradleak.sweep.executors import make_executor
 from gradleak.sweep.runner import Emit, Group, run_sweep
 from gradleak.sweep.store import RESULTS, FolderLock, ResultsStore, pin_run
 from gradleak.threat import observe_update
-from gradleak.types import Observation, Reconstruction
+from gradleak.types import Observation, Reconstruction, UpdateObservation
 
 log = logging.getLogger(__name__)
 
 # A reconstruction this close to its original (mean squared error per pixel) counts as rebuilt.
 REBUILT_MSE = 1e-3
-PINNED = ("captures", "capture_started", "method", "iterations", "tv_scale", "seed", "model")
+# A reconstruction counts as recognisable at this PSNR (dB) or this SSIM against its original.
+RECOGNISABLE_PSNR = 20.0
+RECOGNISABLE_SSIM = 0.6
+# Images are attacked for clients of at most this many examples by default: Inverting
+# Gradients on an unrolled update of n examples costs about n forward-backward passes a step.
+MAX_EXAMPLES = 16
+PINNED = (
+    "captures", "capture_started", "method", "iterations", "tv_scale", "seed", "model",
+    "schedule", "max_examples",
+)  # fmt: skip
 
 ProgressCallback = Callable[[str, float, int], None]
 
@@ -76,6 +94,11 @@ class AuditRun:
         workers: Worker processes (None: one per core; 1: this process).
         ray: Run the attacks as Ray tasks: "local", "auto" or "HOST:PORT".
         command: The command line, quoted in the report.
+        schedule: What the operator knows of the clients' training beyond the
+            train config (the app's run config, the optimiser).
+        max_examples: Rebuild images only for clients of at most this many
+            examples (an unrolled update costs in proportion to them); the
+            labels are read for every client.
     """
 
     captures: str
@@ -88,8 +111,12 @@ class AuditRun:
     workers: int | None = None
     ray: str | None = None
     command: str = ""
+    schedule: ClientSchedule = ClientSchedule()
+    max_examples: int = MAX_EXAMPLES
 
     def __post_init__(self) -> None:
+        if self.max_examples < 0:
+            raise ConfigError(f"--max-examples must be 0 or more, got {self.max_examples}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
         if self.iterations is not None and self.iterations < 1:
@@ -130,12 +157,7 @@ def run_audit(run: AuditRun, *, callback: ProgressCallback | None = None) -> Aud
     started = time.perf_counter()
     capture = read_capture(run.captures)
     capture = replace(capture, folder=capture.folder.resolve())
-    model = run.model or capture.model
-    if model is None:
-        raise ConfigError(
-            f"{run.captures}/capture.json names no model: give --model NAME --input-shape C,H,W "
-            "--num-classes N"
-        )
+    model = _the_model(run, capture)
     exchanges, unreadable = read_exchanges(capture)
     items, notes = plan_items(exchanges)
     by_sidecar = {e.sidecar: e for e in exchanges}
@@ -145,13 +167,13 @@ def run_audit(run: AuditRun, *, callback: ProgressCallback | None = None) -> Aud
     for item in items:
         parts = tuple(by_sidecar[s] for s in item.sidecars)
         try:
-            load_target(capture, by_sidecar, item, model, with_truth=False)
+            load_target(capture, by_sidecar, item, model, with_truth=False, schedule=run.schedule)
         except GradleakError as error:
             problems.append(str(error))
             refused.append(report.refused_entry(item, parts, str(error)))
             continue
         try:
-            load_target(capture, by_sidecar, item, model)
+            load_target(capture, by_sidecar, item, model, schedule=run.schedule)
             with_truth = True
         except GradleakError as error:
             problems.append(f"{error} (scores left null)")
@@ -181,28 +203,131 @@ def audit_target(work: Work, spec: tuple[Item, tuple[Exchange, ...], bool], emit
     """The sweep task: load one target, choose and run its attack, emit its row and frames."""
     item, parts, with_truth = spec
     use_cpu_threads(torch.device("cpu"))
-    target = load_target(
-        work.capture, {e.sidecar: e for e in parts}, item, work.model, with_truth=with_truth
-    )
     run = work.run
+    target = load_target(
+        work.capture, {e.sidecar: e for e in parts}, item, work.model, with_truth=with_truth,
+        schedule=run.schedule,
+    )  # fmt: skip
     seed_key = [run.seed, item.round, 0 if item.aggregate else item.node_ids[0]]
     seed = int(np.random.SeedSequence(seed_key).generate_state(1)[0])
     start = time.perf_counter()
     result: Reconstruction | None = None
-    try:
-        choice = choose_attack(
-            target.observation,
-            method=run.method,
-            clipped=target.clipped,
-            iterations=run.iterations,
-            tv_scale=run.tv_scale,
+    counts = read_label_counts(target)
+    if target.num_examples > run.max_examples:
+        method, error = "labels", None
+        reason = (
+            f"labels only: images are attacked for clients of at most --max-examples "
+            f"{run.max_examples} examples"
         )
-        method, reason = choice.method, choice.reason
-        result, error = choice.attack(choice.observation, seed=seed), None
-    except AttackNotApplicable as failure:
-        method, reason, error = run.method, "", str(failure)
+    else:
+        try:
+            choice = choose_attack(
+                target.observation,
+                method=run.method,
+                clipped=target.clipped,
+                iterations=run.iterations,
+                tv_scale=run.tv_scale,
+            )
+            method, reason = choice.method, choice.reason
+            result, error = choice.attack(choice.observation, seed=seed), None
+        except AttackNotApplicable as failure:
+            method, reason, error = run.method, "", str(failure)
     row = result_row(target, result, method, reason, time.perf_counter() - start, error)
+    row |= label_row(target, counts)
+    row["verdict"] = client_verdict(row)
     emit(row, {report.frames_file(item): frames(target, result, row)})
+
+
+def read_label_counts(target: Target) -> np.ndarray | None:
+    """How many examples of each class the server reads from the reply, or None if it cannot."""
+    observation = target.observation
+    try:
+        if isinstance(observation, UpdateObservation):
+            counts = update_label_counts(observation)
+        else:
+            labels = batch_labels(observation)
+            counts = torch.bincount(labels.cpu(), minlength=observation.num_classes)
+    except AttackNotApplicable:
+        return None
+    return counts.cpu().numpy().astype(np.int64)
+
+
+def label_row(target: Target, counts: np.ndarray | None) -> dict[str, Any]:
+    """The label histogram read, against the truth where the capture holds it.
+
+    ``histogram_error`` is the share of the client's examples the read
+    histogram puts in a wrong class (half the L1 distance over n: 0 exact, 1
+    all wrong); ``class_set_exact`` whether the classes read are exactly the
+    classes held.
+    """
+    row: dict[str, Any] = {
+        "label_counts_read": None if counts is None else _histogram(counts),
+        "label_counts_true": None,
+        "histogram_error": None,
+        "class_set_exact": None,
+    }
+    if target.truth is None or counts is None:
+        return row
+    _, labels = target.truth
+    true = np.bincount(labels.numpy(), minlength=len(counts))
+    return row | {
+        "label_counts_true": _histogram(true),
+        "histogram_error": float(np.abs(true - counts).sum() / (2 * len(labels))),
+        "class_set_exact": bool(np.array_equal(true > 0, counts > 0)),
+    }
+
+
+def _histogram(counts: np.ndarray) -> dict[str, int]:
+    return {str(c): int(v) for c, v in enumerate(counts) if v > 0}
+
+
+def client_verdict(row: dict[str, Any]) -> str:
+    """What leaked, in a few words: measured where the truth is known, else what was read."""
+    if row.get("images_recognisable"):
+        return "images"
+    if row.get("true_labels") is None and row.get("converged"):
+        return "images (matched; no truth to score)"
+    if row.get("histogram_error") is not None:
+        if row["histogram_error"] <= 0.1:
+            return "label histogram"
+        if row.get("class_set_exact"):
+            return "class set"
+        return "nothing measurable"
+    return "labels read (no truth to score)" if row.get("label_counts_read") else "nothing read"
+
+
+def _the_model(run: AuditRun, capture: Capture) -> ModelInfo:
+    """The model to audit with: the user's --model, checked against what the capture recorded.
+
+    A capture may name the user's own model by import path; it is never
+    imported from there (importing runs code): the user must name it too.
+    """
+    recorded, given = capture.model, run.model
+    if given is None:
+        if recorded is None:
+            raise ConfigError(
+                f"{run.captures}/capture.json names no model: give --model NAME --input-shape "
+                "C,H,W --num-classes N, or --model package.module:Name for your own"
+            )
+        if recorded.user_model:
+            raise ConfigError(
+                f"the capture was made with your model {recorded.name}; gradleak does not import "
+                f"code a capture names: give --model {recorded.name} to confirm it"
+            )
+        return recorded
+    if given.normalize is None and recorded is not None and recorded.normalize is not None:
+        given = replace(given, normalize=recorded.normalize)  # the capture says how they normalise
+    if not given.user_model:
+        return given
+    built = build_from_info(replace(given, fingerprint=None, normalize=None))
+    mine = fingerprint(built)
+    if recorded is not None and recorded.fingerprint is not None and recorded.fingerprint != mine:
+        raise ConfigError(
+            f"--model {given.name} is not the architecture the clients trained: its fingerprint "
+            f"{mine[:19]}... differs from the capture's {recorded.fingerprint[:19]}... "
+            f"(recorded model: {recorded.name}); give the app's own model class and arguments"
+        )
+    return replace(given, fingerprint=mine)
 
 
 def result_row(
@@ -240,6 +365,9 @@ def result_row(
         "ssim": None,
         "per_image_mse": None,
         "images_rebuilt": None,
+        "per_image_psnr": None,
+        "per_image_ssim": None,
+        "images_recognisable": None,
         "matching_loss": None,
         "converged": False,
         "iterations": 0,
@@ -276,6 +404,13 @@ def result_row(
         "ssim": finite_or_none(float(np.mean(ssim))),
         "per_image_mse": [finite_or_none(v) for v in per_mse],
         "images_rebuilt": sum(1 for v in per_mse if math.isfinite(v) and v < REBUILT_MSE),
+        "per_image_psnr": [finite_or_none(v) for v in psnr],
+        "per_image_ssim": [finite_or_none(v) for v in ssim],
+        "images_recognisable": sum(
+            1
+            for p, q in zip(psnr, ssim, strict=True)
+            if (math.isfinite(p) and p >= RECOGNISABLE_PSNR) or q >= RECOGNISABLE_SSIM
+        ),
     }
 
 
@@ -325,6 +460,8 @@ def _update_cosine(target: Target) -> float:
             epochs=observation.epochs,
             local_batch=observation.local_batch,
             seed=0,
+            optimizer=observation.optimizer,
+            drop_last=observation.drop_last,
         )
         clean, received = replay.update, observation.update
     a = torch.cat([t.double().flatten() for t in clean])
@@ -342,6 +479,8 @@ def _params(run: AuditRun, capture: Capture, model: ModelInfo) -> dict[str, Any]
         "tv_scale": run.tv_scale,
         "seed": run.seed,
         "model": model.to_json(),
+        "schedule": run.schedule.to_json(),
+        "max_examples": run.max_examples,
         "command": run.command,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "gradleak": gradleak.__version__,
@@ -364,6 +503,9 @@ def _context(
         "executor": executor,
         "command": run.command,
         "rebuilt_mse": REBUILT_MSE,
+        "recognisable": {"psnr": RECOGNISABLE_PSNR, "ssim": RECOGNISABLE_SSIM},
+        "schedule": run.schedule.to_json(),
+        "max_examples": run.max_examples,
         "wall_seconds": round(time.perf_counter() - started, 3),
         "date": time.strftime("%Y-%m-%d"),
         "gradleak": gradleak.__version__,
