@@ -332,8 +332,8 @@ def _print(console: Console, summary: dict[str, Any], out: str) -> None:
         table.add_column(column)
     for e in summary["entries"]:
         node = "aggregate" if e["node_id"] is None else f"...{str(e['node_id'])[-6:]}"
-        true = "?" if e["true_labels"] is None else ",".join(map(str, e["true_labels"]))
-        read = "?" if e["predicted_labels"] is None else ",".join(map(str, e["predicted_labels"]))
+        true = _short(e["true_labels"], e.get("label_counts_true"))
+        read = _short(e["predicted_labels"], e.get("label_counts_read"))
         mse = "n/a" if e["mse"] is None else f"{e['mse']:.1e}"
         if e["error"]:
             rebuilt = "not audited" if e["method"] is None else "attack failed"
@@ -351,6 +351,15 @@ def _print(console: Console, summary: dict[str, Any], out: str) -> None:
     for line in verdict(summary):
         console.print(line.replace("**", ""), markup=False, highlight=False)
     console.print(f"wrote {out}/report.md, leakage.json, overview.png and strips/")
+
+
+def _short(labels: list[int] | None, histogram: dict[str, int] | None) -> str:
+    """A few labels as a list, many as class x count."""
+    if labels is not None and len(labels) <= 8:
+        return ",".join(map(str, labels))
+    if histogram is not None:
+        return " ".join(f"{c}x{n}" for c, n in histogram.items())
+    return "?" if labels is None else f"{len(labels)} labels"
 
 
 def _refused(problems: tuple[str, ...]) -> None:

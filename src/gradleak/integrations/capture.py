@@ -363,3 +363,34 @@ def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def write_ground_truth(
+    captures: str | os.PathLike[str],
+    server_round: int,
+    node_id: int,
+    images: Any,
+    labels: Any,
+) -> Path:
+    """Store one node's private examples of a round beside a capture, for the audit to score.
+
+    Only for runs whose clients' data you hold (a simulation): `gradleak audit`
+    then reports MSE, PSNR, SSIM and the label histogram's error against them.
+    `images` are the examples in pixel space (``(n, C, H, W)`` in [0, 1],
+    before any normalisation), in any order; `labels` their classes.
+
+    Returns:
+        The file written, ``CAPTURES/private/round-NNNN/node-<id>.safetensors``.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(captures) / PRIVATE_FOLDER / f"round-{int(server_round):04d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"node-{int(node_id)}.safetensors"
+    tensors = {
+        "images": torch.as_tensor(images, dtype=torch.float32).contiguous(),
+        "labels": torch.as_tensor(labels, dtype=torch.int64).contiguous(),
+    }
+    save_file(tensors, str(path))
+    return path

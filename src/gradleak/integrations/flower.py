@@ -42,9 +42,10 @@ sidecars with each file's sha256 (`capture.py`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -83,22 +84,20 @@ __all__ = ["LeakageAudit", "LegacyLeakageAudit", "ModelInfo", "ScheduleKeys", "r
 def _writer(
     strategy: object,
     out: str | os.PathLike[str],
-    model: str | ModelInfo | None,
+    model: ModelLike,
     input_shape: tuple[int, int, int] | None,
     num_classes: int | None,
     width: int | None,
     schedule_keys: ScheduleKeys | None,
     stack: str,
     weighted_by: str,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> CaptureWriter:
     import flwr
 
     import gradleak
 
-    if isinstance(model, str):
-        if input_shape is None or num_classes is None:
-            raise ConfigError("give input_shape and num_classes with the model name")
-        model = ModelInfo(model, tuple(input_shape), int(num_classes), width)
+    model = model_info(model, input_shape, num_classes, width, normalize)
     return CaptureWriter(
         out,
         model=model,
@@ -110,21 +109,88 @@ def _writer(
     )
 
 
+ModelLike = Any  # a registry name, a ModelInfo, the user's nn.Module, or a function making one
+
+
+def model_info(
+    model: ModelLike,
+    input_shape: tuple[int, int, int] | None,
+    num_classes: int | None,
+    width: int | None,
+    normalize: tuple[Sequence[float], Sequence[float]] | None,
+) -> ModelInfo | None:
+    """What the capture records of the clients' model.
+
+    The user's own model (an ``nn.Module`` or a function returning one) is
+    recorded by its class's import path and its fingerprint; the audit later
+    builds it from the path its user gives and checks the fingerprint.
+
+    Raises:
+        ConfigError: A registry name without its shape and classes, a
+            normalisation that does not fit, or a model of another kind.
+    """
+    from torch import nn
+
+    from gradleak.models.user import (
+        Normalization,
+        fingerprint,
+        import_path,
+        infer_input_shape,
+        num_classes_of,
+    )
+
+    norm = None
+    if normalize is not None:
+        mean, std = (v if isinstance(v, Sequence) else (v,) for v in normalize)
+        norm = Normalization(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    if model is None or isinstance(model, ModelInfo):
+        if norm is not None:
+            if model is None:
+                raise ConfigError("normalize goes with a model")
+            model = dataclasses.replace(model, normalize=norm.to_json())
+        return model
+    if isinstance(model, str):
+        if input_shape is None or num_classes is None:
+            raise ConfigError("give input_shape and num_classes with the model name")
+        return ModelInfo(
+            model, tuple(input_shape), int(num_classes), width, None,
+            None if norm is None else norm.to_json(),
+        )  # fmt: skip
+    if not isinstance(model, nn.Module) and callable(model):
+        model = model()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model must be a gradleak model name, a ModelInfo or your nn.Module, not "
+            f"{type(model).__name__}"
+        )
+    shape = tuple(input_shape) if input_shape is not None else infer_input_shape(model)
+    if norm is not None and len(norm.mean) == 1 and shape[0] > 1:
+        norm = Normalization(norm.mean * shape[0], norm.std * shape[0])
+    return ModelInfo(
+        import_path(model), shape, num_classes or num_classes_of(model, shape), None,
+        fingerprint(model), None if norm is None else norm.to_json(),
+    )  # fmt: skip
+
+
 class LeakageAudit(Strategy):
     """Wrap a Message-API strategy and record what the server sends and receives.
 
     Args:
         strategy: The strategy to wrap (FedAvg, a DP wrapper around it, ...).
         out: The capture folder (new or empty).
-        model: The clients' model: a gradleak registry name with `input_shape`
-            and `num_classes` (and `width`), or a `ModelInfo`; None to name it
-            later on `gradleak audit`'s command line.
+        model: The clients' model: your own ``nn.Module`` (or a function
+            returning one; recorded by import path and fingerprint, its input
+            shape read from it unless given), a gradleak registry name with
+            `input_shape` and `num_classes` (and `width`), or a `ModelInfo`;
+            None to name it later on `gradleak audit`'s command line.
         input_shape: ``(channels, height, width)`` of one example.
         num_classes: Number of classes.
         width: Base width of "convnet" or "resnet18".
         schedule_keys: Which train-config keys hold the local schedule.
         on_round: Called with the round number once its replies are recorded
             (a progress bar, say).
+        normalize: ``(mean, std)`` per channel (or one of each) of the clients'
+            input normalisation, e.g. ``((0.5,) * 3, (0.5,) * 3)``.
 
     Raises:
         ConfigError: `out` holds a capture already or cannot be written; a bad model spec.
@@ -135,12 +201,13 @@ class LeakageAudit(Strategy):
         strategy: Strategy,
         *,
         out: str | os.PathLike[str],
-        model: str | ModelInfo | None = None,
+        model: ModelLike = None,
         input_shape: tuple[int, int, int] | None = None,
         num_classes: int | None = None,
         width: int | None = None,
         schedule_keys: ScheduleKeys | None = None,
         on_round: Callable[[int], None] | None = None,
+        normalize: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
         self.strategy = strategy
@@ -148,7 +215,7 @@ class LeakageAudit(Strategy):
         weighted_by = str(getattr(strategy, "weighted_by_key", "num-examples"))
         self.writer = _writer(
             strategy, out, model, input_shape, num_classes, width, schedule_keys, "message",
-            weighted_by,
+            weighted_by, normalize,
         )  # fmt: skip
 
     def __repr__(self) -> str:
@@ -239,7 +306,7 @@ class LegacyLeakageAudit(LegacyStrategy):
         strategy: Any,
         *,
         out: str | os.PathLike[str],
-        model: str | ModelInfo | None = None,
+        model: ModelLike = None,
         input_shape: tuple[int, int, int] | None = None,
         num_classes: int | None = None,
         width: int | None = None,

@@ -216,9 +216,13 @@ def _what_was_seen(entries: list[dict]) -> str:
             f"{kinds['gradient']} individual one-step updates (each is -lr x the client's gradient)"
         )
     if kinds.get("update"):
-        facts.append(
-            f"{kinds['update']} individual updates of {', '.join(map(str, steps))} local steps"
+        epochs = sorted({e["epochs"] for e in entries if e.get("epochs")})
+        schedule = (
+            f"{', '.join(map(str, steps))} local steps"
+            if steps
+            else f"{', '.join(map(str, epochs))} local epochs"
         )
+        facts.append(f"{kinds['update']} individual updates of {schedule}")
     if kinds.get("aggregate"):
         facts.append(f"{kinds['aggregate']} round aggregates instead of individual updates")
     clipped = [e for e in entries if e["clipped"]]

@@ -1,0 +1,1 @@
+"""qsapp: a quickstart-style Flower app."""
