@@ -8,7 +8,7 @@ setting runs the app on Flower's simulation engine (4 clients, 1 round, MNIST
 test images as RGB 32 x 32), stores each node's training examples beside the
 capture (found by the partition id the app reports), and runs
 
-    gradleak audit CAPTURES --model qsapp.task:Net --flwr-app APP --momentum 0.9
+    gradleak audit CAPTURES --model qsapp.task:Net --flwr-app APP --batch-size B --momentum 0.9
 
 from the app's folder.  Per client it reports the label histogram's error, whether
 the class set is exact, the images recognisable (PSNR >= 20 dB or SSIM >= 0.6) where
@@ -105,7 +105,8 @@ def main() -> None:
             )  # fmt: skip
             command = [
                 gradleak, "audit", str(out / "captures"), "--model", "qsapp.task:Net",
-                "--flwr-app", ".", "--momentum", "0.9", "--out", str(out / "audit"),
+                "--flwr-app", ".", "--batch-size", str(batch), "--momentum", "0.9",
+                "--out", str(out / "audit"),
                 "--max-examples", str(args.max_examples), "--workers", "1",
             ]  # fmt: skip
             if args.iterations:

@@ -22,7 +22,8 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = FedAvg(fraction_train=fraction_train, fraction_evaluate=0.0)
     strategy = LeakageAudit(  # the audit: 2 and 3 of 3 lines
-        strategy, out=context.run_config["captures"], model=global_model, normalize=(0.5, 0.5))
+        strategy, out=context.run_config["captures"], model=global_model, normalize=(0.5, 0.5)
+    )
 
     result = strategy.start(
         grid=grid,
