@@ -21,6 +21,7 @@ from gradleak.cli.common import (
     add_optimizer_options,
     add_sweep_options,
     client_optimizer,
+    index_list,
     non_negative_int,
     positive_int,
 )
@@ -128,6 +129,18 @@ def add(commands: argparse._SubParsersAction) -> None:
         default=16,
         help="rebuild images for clients of at most this many examples (16); labels always",
     )
+    line = audit.add_argument_group("where the line lies (optional)")
+    line.add_argument(
+        "--line-data",
+        default=None,
+        metavar="DATA",
+        help="a dataset name or a folder of class subfolders of images: attack synthetic "
+        "clients of growing size trained like yours, to find where images stop coming back",
+    )
+    line.add_argument("--line-data-dir", default=None, help="the folder of --line-data's files")
+    line.add_argument(
+        "--line-sizes", type=index_list, default=(1, 2, 4, 8, 16), help="client sizes (1,2,4,8,16)"
+    )
     add_sweep_options(audit)
     audit.set_defaults(handler=cmd_audit)
 
@@ -203,6 +216,9 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> None:
         command=shlex.join(["gradleak", *args.argv]),
         schedule=audit_schedule(args),
         max_examples=args.max_examples,
+        line_data=args.line_data,
+        line_data_dir=args.line_data_dir,
+        line_sizes=tuple(args.line_sizes),
     )
     with StageBars(console, "") as bars:
         result = run_audit(run, callback=bars)

@@ -168,6 +168,12 @@ def _round_verdict(here: list[dict], refused: list[dict], bar: float) -> str:
                 "labels read, though not which client had which"
             )
         parts.append(said)
+    skipped = [e for e in here if e.get("method") == "labels"]
+    if skipped:
+        parts.append(
+            f"{len(skipped)} clients of more examples than --max-examples: labels read, "
+            "images not attacked"
+        )
     scored = [e for e in here if e["mse"] is not None and e["shared"] != "aggregate"]
     if scored:
         images = sum(e["images_rebuilt"] or 0 for e in scored)
@@ -179,7 +185,7 @@ def _round_verdict(here: list[dict], refused: list[dict], bar: float) -> str:
             f"of {len(scored)} clients; every label of {labels} of {len(scored)} clients read; "
             f"worst MSE {max(e['mse'] for e in scored):.1e}"
         )
-    unscored = [e for e in here if e["mse"] is None]
+    unscored = [e for e in here if e["mse"] is None and e.get("method") != "labels"]
     if unscored:
         matched = sum(1 for e in unscored if e["converged"])
         parts.append(
@@ -306,6 +312,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
             f"{e['error'] or e['leaked']} |"
         )
     lines += _histogram_table(entries)
+    lines += _line_section(summary.get("line"))
     strips = [e for e in entries if e.get("strip")]
     if strips:
         lines += ["", "## Reconstructions", ""]
@@ -377,6 +384,34 @@ def _histogram_table(entries: Sequence[Mapping[str, Any]]) -> list[str]:
             f"{'n/a' if exact is None else ('exact' if exact else 'not exact')} | "
             f"{'n/a' if e.get('images_recognisable') is None else e['images_recognisable']} | "
             f"{e.get('verdict') or ''} |"
+        )
+    return lines
+
+
+def _line_section(points: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    """Where images come back for this model and schedule (`line.find_line`)."""
+    if not points:
+        return []
+    back = [p["examples"] for p in points if p["share"] >= 0.5]
+    said = (
+        f"images come back (at least half recognisable) for clients of up to {max(back)} examples"
+        if back
+        else "no client size tried gave back half of its images"
+    )
+    lines = [
+        "",
+        "## Where the line lies",
+        "",
+        f"Synthetic clients trained as this app's clients are (round {points[0]['round']}'s "
+        f"weights, the same schedule and optimiser), attacked as above: {said}.",
+        "",
+        "| examples per client | clients | images recognisable | mean PSNR (dB) | attack s |",
+        "|---|---|---|---|---|",
+    ]
+    for p in points:
+        lines.append(
+            f"| {p['examples']} | {p['clients']} | {p['recognisable']}/"
+            f"{p['examples'] * p['clients']} | {_num(p['psnr'], '.1f')} | {p['seconds']:.0f} |"
         )
     return lines
 

@@ -42,6 +42,7 @@ from gradleak.attacks.labels import batch_labels, update_label_counts
 from gradleak.errors import AttackNotApplicable, ConfigError, GradleakError
 from gradleak.experiments.audit import report
 from gradleak.experiments.audit.choose import IG_TV_SCALE, METHODS, choose_attack
+from gradleak.experiments.audit.line import SIZES, find_line
 from gradleak.experiments.audit.load import (
     ClientSchedule,
     Item,
@@ -99,6 +100,10 @@ class AuditRun:
         max_examples: Rebuild images only for clients of at most this many
             examples (an unrolled update costs in proportion to them); the
             labels are read for every client.
+        line_data: A dataset (name or folder) to find where images come back
+            for this model and schedule (`line.find_line`); None: no sweep.
+        line_data_dir: Where that dataset's files are.
+        line_sizes: The client sizes of that sweep.
     """
 
     captures: str
@@ -113,6 +118,9 @@ class AuditRun:
     command: str = ""
     schedule: ClientSchedule = ClientSchedule()
     max_examples: int = MAX_EXAMPLES
+    line_data: str | None = None
+    line_data_dir: str | None = None
+    line_sizes: tuple[int, ...] = SIZES
 
     def __post_init__(self) -> None:
         if self.max_examples < 0:
@@ -190,13 +198,36 @@ def run_audit(run: AuditRun, *, callback: ProgressCallback | None = None) -> Aud
             if callback is not None:
                 callback("attacks", done, total)
 
+        points: list[dict[str, Any]] | None = None
         with make_executor(run.workers, run.ray) as executor:
             try:
                 run_sweep(store, groups, audit_target, work, executor, progress=progress)
+                if run.line_data is not None and good:
+                    points = _line(run, capture, by_sidecar, good, model, callback)
             finally:
                 context = _context(run, capture, model, executor.name, started)
+                context["line"] = points
                 summary = report.write_all(out, store.rows, refused, notes, problems, context)
     return AuditResult(summary, tuple(problems))
+
+
+def _line(
+    run: AuditRun,
+    capture: Capture,
+    exchanges: dict[str, Exchange],
+    good: list[tuple[Item, tuple[Exchange, ...], bool]],
+    model: ModelInfo,
+    callback: ProgressCallback | None,
+) -> list[dict[str, Any]]:
+    """The sweep over client sizes, on the first individual client's round and schedule."""
+    item = next((i for i, _, _ in good if not i.aggregate), good[0][0])
+    target = load_target(capture, exchanges, item, model, with_truth=False, schedule=run.schedule)
+    points = find_line(
+        target, run.line_data, data_dir=run.line_data_dir, sizes=run.line_sizes,
+        method=run.method, iterations=run.iterations, tv_scale=run.tv_scale, seed=run.seed,
+        psnr_bar=RECOGNISABLE_PSNR, ssim_bar=RECOGNISABLE_SSIM, callback=callback,
+    )  # fmt: skip
+    return [p.to_json() | {"round": item.round} for p in points]
 
 
 def audit_target(work: Work, spec: tuple[Item, tuple[Exchange, ...], bool], emit: Emit) -> None:
