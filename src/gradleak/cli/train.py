@@ -7,7 +7,7 @@ import shlex
 
 from rich.console import Console
 
-from gradleak.cli.common import non_negative_int, positive_int
+from gradleak.cli.common import add_user_model_options, non_negative_int, positive_int
 from gradleak.progress_bars import StageBars
 
 
@@ -33,7 +33,10 @@ def add(commands: argparse._SubParsersAction) -> None:
         "says what the weights are, how they were trained and the accuracy they reached.",
     )
     train.add_argument(
-        "--model", default="convnet", help="convnet (default), resnet18, lenet, resnet20, ..."
+        "--model",
+        default="convnet",
+        help="convnet (default), resnet18, lenet, resnet20, ..., or your own as "
+        "package.module:Name",
     )
     train.add_argument(
         "--dataset", default="mnist", help="mnist (default), cifar10, cifar100 or svhn"
@@ -65,6 +68,7 @@ def add(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="use only N images of the seeded permutation (then split 80/20)",
     )
+    add_user_model_options(train)
     train.set_defaults(handler=cmd_train)
 
 
@@ -84,6 +88,9 @@ def cmd_train(args: argparse.Namespace, console: Console) -> None:
         device=args.device,
         limit=args.limit,
         command=shlex.join(["gradleak", *args.argv]),
+        model_args=tuple(args.model_arg or ()),
+        input_shape=args.input_shape,
+        normalize=args.normalize,
     )
     names = {"train": f"training {run.model}", "test": "testing"}
     with StageBars(console, "", names.__getitem__) as bars:

@@ -43,7 +43,8 @@ from gradleak.experiments.common import (
     resolve_device,
     use_cpu_threads,
 )
-from gradleak.models import MODELS, WIDTHS, build_model, save_weights
+from gradleak.models import MODELS, WIDTHS, build_model, is_import_path, resolve_model, save_weights
+from gradleak.models.user import normalize_input, parse_model_args, parse_normalization
 from gradleak.outdir import prepare_out
 
 DATASETS = ("mnist", "cifar10", "cifar100", "svhn")
@@ -76,6 +77,11 @@ class TrainRun:
         device: "auto", "cpu" or "cuda".
         limit: Use only this many images of the seeded permutation (None: all).
         command: The command line, kept in the metadata.
+        model_args: ``KEY=VALUE`` arguments of a model given by import path.
+        input_shape: The input shape of such a model (None: read from it); the
+            data is fitted to it.
+        normalize: ``MEAN,STD`` the model's input is normalised with, as the
+            user's pipeline does.
     """
 
     model: str = "convnet"
@@ -90,19 +96,26 @@ class TrainRun:
     device: str = "auto"
     limit: int | None = None
     command: str = ""
+    model_args: tuple[str, ...] = ()
+    input_shape: tuple[int, int, int] | None = None
+    normalize: str | None = None
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ConfigError(f"unknown model '{self.model}': choose one of {', '.join(MODELS)}")
+        if not is_import_path(self.model) and self.model not in MODELS:
+            raise ConfigError(
+                f"unknown model '{self.model}': choose one of {', '.join(MODELS)}, "
+                "or give your own as package.module:Name"
+            )
         if self.width is not None and self.model not in WIDTHS:
             raise ConfigError(
                 f"model '{self.model}' has no width: --width applies to {' and '.join(WIDTHS)}"
             )
         if self.width is not None and self.width < 1:
             raise ConfigError(f"--width must be 1 or more, got {self.width}")
-        if self.dataset not in DATASETS:
+        if self.dataset not in DATASETS and not Path(self.dataset).expanduser().is_dir():
             raise ConfigError(
-                f"unknown dataset '{self.dataset}': choose one of {', '.join(DATASETS)}"
+                f"unknown dataset '{self.dataset}': choose one of {', '.join(DATASETS)}, "
+                "or give a folder of class subfolders of images"
             )
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be 1 or more, got {self.epochs}")
@@ -210,16 +223,32 @@ def run_train(run: TrainRun, *, callback: ProgressCallback | None = None) -> Tra
     device = resolve_device(run.device)
     target = check_weights_path(run.out)
     use_cpu_threads(device)  # one thread unless OMP_NUM_THREADS says otherwise
-    data = load_dataset(run.dataset, data_dir=run.data_dir, split=SPLIT, download=None)
-    train_rows, test_rows = split_indices(len(data), run.seed, run.limit)
     init_seed, order_seed = derive_seeds(run.seed, 2)
-    model = build_model(
+    shape = run.input_shape
+    user = None
+    if is_import_path(run.model):
+        user = resolve_model(
+            run.model, input_shape=shape, num_classes=None, seed=init_seed,
+            model_args=parse_model_args(list(run.model_args)),
+        )  # fmt: skip
+        shape = user.gradleak_spec.input_shape
+    data = load_dataset(run.dataset, data_dir=run.data_dir, split=SPLIT, download=None, shape=shape)
+    train_rows, test_rows = split_indices(len(data), run.seed, run.limit)
+    model = user or build_model(
         run.model,
         input_shape=data.shape,
         num_classes=data.num_classes,
         seed=init_seed,
         width=run.width,
-    ).to(device)
+    )
+    if user is not None and data.num_classes > user.gradleak_spec.num_classes:
+        raise ConfigError(
+            f"{run.model} has {user.gradleak_spec.num_classes} outputs, {run.dataset} "
+            f"{data.num_classes} classes: give a model with as many outputs"
+        )
+    if run.normalize is not None:
+        normalize_input(model, parse_normalization(run.normalize, data.shape[0]))
+    model = model.to(device)
     train_x, train_y = _tensors(data, train_rows)
     test_x, test_y = _tensors(data, test_rows)
 
