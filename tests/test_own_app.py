@@ -16,9 +16,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from gradleak.cli import main
 
 pytest.importorskip("flwr", reason='the Flower tests need pip install "gradleak[flower]"')
 
@@ -38,12 +41,37 @@ def captured(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def audit(captured: Path, *options: str, out: str = "audit") -> subprocess.CompletedProcess:
-    command = [
-        str(Path(sys.executable).with_name("gradleak")), "audit", str(captured / "captures"),
-        "--out", str(captured / out), "--workers", "1", *options,
-    ]  # fmt: skip
-    return subprocess.run(command, cwd=APP, capture_output=True, text=True, timeout=600)
+@dataclass
+class Done:
+    returncode: int
+    stderr: str
+
+
+@pytest.fixture()
+def in_app(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """Run `gradleak` in this process from the app's folder, as its user would from a shell."""
+    monkeypatch.chdir(APP)
+    before = set(sys.modules)
+
+    def run(*arguments: str) -> Done:
+        capsys.readouterr()
+        try:
+            code = main(list(arguments))
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+        return Done(code, capsys.readouterr().err)
+
+    yield run
+    for name in set(sys.modules) - before:
+        if name == "qsapp" or name.startswith("qsapp.") or name == "othernet":
+            del sys.modules[name]
+
+
+def audit(run, captured: Path, *options: str, out: str = "audit") -> Done:
+    return run(
+        "audit", str(captured / "captures"), "--out", str(captured / out), "--workers", "1",
+        *options,
+    )  # fmt: skip
 
 
 def test_the_apps_capture_names_its_own_model_and_normalisation(captured: Path) -> None:
@@ -54,9 +82,11 @@ def test_the_apps_capture_names_its_own_model_and_normalisation(captured: Path) 
     assert model["normalize"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
 
 
-def test_the_audit_reads_every_clients_labels_from_a_momentum_update(captured: Path) -> None:
+def test_the_audit_reads_every_clients_labels_from_a_momentum_update(
+    captured: Path, in_app
+) -> None:
     done = audit(
-        captured, "--model", "qsapp.task:Net", "--flwr-app", ".", "--batch-size", "8",
+        in_app, captured, "--model", "qsapp.task:Net", "--flwr-app", ".", "--batch-size", "8",
         "--momentum", "0.9", "--max-examples", "0",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -76,9 +106,9 @@ def test_the_audit_reads_every_clients_labels_from_a_momentum_update(captured: P
     assert "## Labels and verdict per client" in report and "qsapp.task:Net" in report
 
 
-def test_images_are_attacked_through_the_unrolled_momentum_client(captured: Path) -> None:
+def test_images_are_attacked_through_the_unrolled_momentum_client(captured: Path, in_app) -> None:
     done = audit(
-        captured, "--model", "qsapp.task:Net", "--flwr-app", ".", "--batch-size", "8",
+        in_app, captured, "--model", "qsapp.task:Net", "--flwr-app", ".", "--batch-size", "8",
         "--momentum", "0.9", "--iterations", "20", out="images",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -103,24 +133,23 @@ def test_images_are_attacked_through_the_unrolled_momentum_client(captured: Path
         (("--model", "qsapp.task:Net", "--optimizer", "rmsprop"), "invalid choice"),
     ],
 )  # fmt: skip
-def test_bad_input_is_one_line(captured: Path, options: tuple[str, ...], message: str) -> None:
-    done = audit(captured, *options, out=f"bad-{abs(hash(options))}")
+def test_bad_input_is_one_line(
+    captured: Path, in_app, options: tuple[str, ...], message: str
+) -> None:
+    done = audit(in_app, captured, *options, out=f"bad-{abs(hash(options))}")
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert message in done.stderr and "Traceback" not in done.stderr
 
 
 def test_another_architecture_under_the_apps_name_is_refused(
-    captured: Path, tmp_path: Path
+    captured: Path, tmp_path: Path, in_app, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A module that defines its own Net: importable, an nn.Module, another architecture.
     (tmp_path / "othernet.py").write_text(
         "import torch.nn as nn\n\nclass Net(nn.Sequential):\n    def __init__(self):\n"
         "        super().__init__(nn.Conv2d(3, 6, 5), nn.Flatten(), nn.Linear(4704, 10))\n"
     )
-    command = [
-        str(Path(sys.executable).with_name("gradleak")), "audit", str(captured / "captures"),
-        "--out", str(captured / "other"), "--model", "othernet:Net", "--flwr-app", str(APP),
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    monkeypatch.chdir(tmp_path)
+    done = audit(in_app, captured, "--model", "othernet:Net", "--flwr-app", str(APP), out="other")
     assert done.returncode == 2 and "fingerprint" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
