@@ -174,3 +174,21 @@ def test_label_histograms_of_a_momentum_client_count_its_steps(data_root: Path) 
     assert naive_misplaced / 4 >= 0.2 and naive_classes <= 1, (naive_misplaced, naive_classes)
     update, true = _momentum_client(data_root, 0, 32, ClientOptimizer())
     assert np.array_equal(update_label_counts(update).numpy(), true)
+
+
+def test_leakage_audit_records_the_users_model_by_path_and_fingerprint(app_on_path: None) -> None:
+    pytest.importorskip("flwr", reason='needs pip install "gradleak[flower]"')
+    from gradleak.integrations.flower import model_info
+
+    net = build_user_model("qsapp.task:Net", seed=0)
+    info = model_info(net, None, None, None, (0.5, 0.5))
+    assert info.name == "qsapp.task:Net" and info.input_shape == (3, 32, 32)
+    assert info.num_classes == 10 and info.fingerprint == fingerprint(net)
+    assert info.normalize == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    from qsapp.task import Net
+
+    assert model_info(Net, None, None, None, None).fingerprint == fingerprint(net)  # a factory
+    with pytest.raises(ConfigError, match="not list"):
+        model_info([1, 2], None, None, None, None)
+    with pytest.raises(ConfigError, match="above 0"):
+        model_info(net, None, None, None, ((0.5,) * 3, (0.5, 0.0, 0.5)))
