@@ -53,6 +53,7 @@ import numpy as np
 from gradleak.errors import ConfigError
 from gradleak.integrations import missing_flower
 from gradleak.integrations.capture import CaptureWriter, ModelInfo, Records, ScheduleKeys
+from gradleak.integrations.guard import GuardSettings, inspect_weights
 
 
 def require_flower() -> Any:
@@ -78,7 +79,14 @@ from flwr.serverapp.strategy import Strategy  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LeakageAudit", "LegacyLeakageAudit", "ModelInfo", "ScheduleKeys", "require_flower"]
+__all__ = [
+    "LeakageAudit",
+    "LegacyLeakageAudit",
+    "ModelGuard",
+    "ModelInfo",
+    "ScheduleKeys",
+    "require_flower",
+]
 
 
 def _writer(
@@ -380,3 +388,50 @@ def _numbered(arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
 def _node(proxy: Any) -> int:
     node = getattr(proxy, "node_id", None)
     return int(node) if node is not None else int(proxy.cid)
+
+
+GUARD_KEY = "gradleak-guard-previous"
+
+
+class ModelGuard:
+    """A Flower client mod that refuses weights crafted to extract the client's data.
+
+    One line in a ClientApp::
+
+        app = ClientApp(mods=[ModelGuard()])
+
+    Before every train message reaches the client's own code, it inspects the
+    arrays received (`integrations.guard.inspect_weights`: repeated or aligned
+    rows, ordered biases, copying or zeroed kernels, a jump from the previous
+    round's weights, which it keeps in the node's context state) and, on any
+    sign of crafting, replies with an error naming the reasons instead of
+    training: the server gets nothing computed on the client's data.
+
+    Args:
+        settings: The checks' thresholds (`GuardSettings`).
+    """
+
+    def __init__(self, settings: GuardSettings | None = None) -> None:
+        self.settings = settings or GuardSettings()
+
+    def __call__(self, msg: Message, context: Any, call_next: Callable[..., Message]) -> Message:
+        from flwr.app import Error, MessageType
+        from flwr.common.constant import ErrorCode
+
+        if msg.metadata.message_type != MessageType.TRAIN or msg.has_error():
+            return call_next(msg, context)
+        records = list(msg.content.array_records.values())
+        if len(records) != 1:
+            return call_next(msg, context)
+        received = {name: array.numpy() for name, array in records[0].items()}
+        stored = context.state.array_records.get(GUARD_KEY)
+        previous = None if stored is None else {n: a.numpy() for n, a in stored.items()}
+        reasons = inspect_weights(received, previous, self.settings)
+        context.state[GUARD_KEY] = ArrayRecord({name: array for name, array in records[0].items()})
+        if reasons:
+            reason = "ModelGuard refused the weights: " + "; ".join(reasons[:4])
+            log.warning("%s", reason)
+            return Message(
+                Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg
+            )
+        return call_next(msg, context)

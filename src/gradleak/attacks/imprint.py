@@ -1,0 +1,173 @@
+"""A dishonest server's weights: binning on the first Linear layer (weights only).
+
+Robbing the Fed (Fowl, Geiping, Czaja, Goldblum, Goldstein; ICLR 2022,
+https://arxiv.org/abs/2110.13057) adds an "imprint" block, a Linear layer and
+a ReLU whose rows all measure one statistic of the input and whose biases sit
+at that statistic's quantiles; trap weights (Boenisch et al., EuroS&P 2023)
+showed that a server can do the same with the weights alone, in a layer the
+architecture already has.  This module does the latter: the server sends the
+client's own architecture with crafted weights, and reads examples back from
+the gradient.
+
+The crafted weights, for a model whose first layer with weights is a Linear
+layer of m units (an MLP on flattened images: ``Flatten -> Linear -> ReLU ->
+Linear ...``):
+
+* every row of that layer is the same vector w (w = 1/d: the mean of the
+  layer's input, "brightness"), and the biases are ``-c_1 > ... > -c_m`` with
+  c_i the i/(m+1) quantiles of ``w . x`` over data of the same domain that the
+  server holds (its own public images): unit i fires for an example exactly
+  when ``w . x > c_i``;
+* every column of the next Linear layer is the same vector, so that each
+  example's back-propagated error is the same at every unit it fires:
+  ``dL/dz_{n,i} = delta_n`` for all i;
+* the rest of the model is left as it was sent.
+
+Then the gradient of row i is ``sum_{n: s_n > c_i} delta_n x_n`` and of bias
+i ``sum_{n: s_n > c_i} delta_n``: the difference of neighbouring rows holds
+exactly the examples whose statistic falls between c_i and c_{i+1}, and
+``(g_W[i] - g_W[i+1]) / (g_b[i] - g_b[i+1])`` is the example itself when it
+is alone in that bin (the last bin reads ``g_W[m] / g_b[m]``).  Two examples
+in one bin come back as their delta-weighted mean.  With N examples over k
+bins of equal mass the expected share alone in a bin is about (1 - 1/k)^(N-1).
+
+The decoder sees only what a server sees: the gradient (or a FedSGD
+aggregate of many clients: sums of gradients sum the bins' contents, which
+is why the attack works through secure aggregation) and the crafted model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gradleak.errors import AttackNotApplicable, ConfigError
+from gradleak.types import Observation, Reconstruction
+
+__all__ = ["Binning", "BinningPlan", "trap_layers"]
+
+
+@dataclass(frozen=True)
+class BinningPlan:
+    """What the server remembers of the weights it crafted: which layer, which bins."""
+
+    layer: str
+    thresholds: tuple[float, ...]
+    input_shape: tuple[int, ...]
+
+
+def trap_layers(model: nn.Module) -> tuple[str, str]:
+    """The first Linear layer (the trap) and the next one (its error equaliser), by name.
+
+    Raises:
+        AttackNotApplicable: The model's first layer with weights is not Linear, or no
+            Linear layer follows it.
+    """
+    weighted = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.modules.conv._ConvNd | nn.modules.batchnorm._BatchNorm)
+    ]
+    if not weighted or not isinstance(weighted[0][1], nn.Linear):
+        first = type(weighted[0][1]).__name__ if weighted else "no layer with weights"
+        raise AttackNotApplicable(
+            f"binning on weights alone needs a model whose first layer with weights is Linear "
+            f"(an MLP on flattened input); this one starts with {first}"
+        )
+    linears = [name for name, m in weighted if isinstance(m, nn.Linear)]
+    if len(linears) < 2:
+        raise AttackNotApplicable("binning needs a second Linear layer after the trap layer")
+    trap = model.get_submodule(linears[0])
+    if trap.bias is None:
+        raise AttackNotApplicable(f"the trap layer '{linears[0]}' has no bias to set the bins")
+    return linears[0], linears[1]
+
+
+class Binning:
+    """Robbing the Fed's binning on an existing first Linear layer (weights only).
+
+    ``craft(model, public)`` returns the crafted copy of `model` (the weights a
+    dishonest server sends) and the `BinningPlan`; ``decode(observation,
+    plan)`` reads the examples back from the shared gradient.
+
+    Args:
+        bins: Units of the trap layer to use (None: all of them).
+    """
+
+    name = "binning"
+
+    def __init__(self, bins: int | None = None) -> None:
+        if bins is not None and bins < 2:
+            raise ConfigError(f"binning needs at least 2 bins, got {bins}")
+        self.bins = bins
+
+    def craft(self, model: nn.Module, public: torch.Tensor) -> tuple[nn.Module, BinningPlan]:
+        """The crafted weights for `model`, with bins at the quantiles of `public` data.
+
+        Args:
+            model: The clients' architecture, as the server would otherwise send it.
+            public: Examples of the clients' input domain the server holds,
+                ``(n, *input_shape)``, as the model takes them (a model that
+                normalises its input does so itself).
+        """
+        trap_name, next_name = trap_layers(model)
+        crafted = copy.deepcopy(model)
+        trap: nn.Linear = crafted.get_submodule(trap_name)
+        following: nn.Linear = crafted.get_submodule(next_name)
+        units = trap.out_features if self.bins is None else min(self.bins, trap.out_features)
+        features = self._features(crafted, trap, public)
+        statistic = features.mean(dim=1)  # w = 1/d: the mean of the layer's input
+        quantiles = torch.linspace(0, 1, units + 2, dtype=torch.float64)[1:-1]
+        thresholds = torch.quantile(statistic.double(), quantiles)
+        with torch.no_grad():
+            trap.weight.zero_()
+            trap.bias.fill_(-1e4)  # units past `bins` never fire
+            trap.weight[:units] = 1.0 / trap.in_features
+            trap.bias[:units] = -thresholds.to(trap.bias)
+            column = following.weight[:, :1].clone()
+            following.weight.copy_(column.expand_as(following.weight))
+        plan = BinningPlan(trap_name, tuple(float(t) for t in thresholds), tuple(public.shape[1:]))
+        return crafted, plan
+
+    @staticmethod
+    def _features(model: nn.Module, trap: nn.Linear, public: torch.Tensor) -> torch.Tensor:
+        """What the trap layer receives for the public examples (its input, flattened)."""
+        seen: list[torch.Tensor] = []
+        handle = trap.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+        try:
+            with torch.no_grad():
+                model.eval()(public)
+        finally:
+            handle.remove()
+        return seen[0].reshape(len(public), -1)
+
+    def decode(self, observation: Observation, plan: BinningPlan) -> Reconstruction:
+        """The examples alone in their bins, read from the trap layer's gradient.
+
+        Returns:
+            One reconstruction per bin that holds anything (its delta-weighted
+            mean when it holds several), as the trap layer's input reshaped to
+            the input shape; labels are not read here (-1).
+        """
+        g_weight = observation.gradient(f"{plan.layer}.weight").double()
+        g_bias = observation.gradient(f"{plan.layer}.bias").double()
+        units = len(plan.thresholds)
+        g_weight, g_bias = g_weight[:units], g_bias[:units]
+        # Bin i holds the examples that fire unit i but not unit i + 1.
+        upper_w = torch.cat([g_weight[1:], torch.zeros_like(g_weight[:1])])
+        upper_b = torch.cat([g_bias[1:], torch.zeros_like(g_bias[:1])])
+        rows, mass = g_weight - upper_w, g_bias - upper_b
+        scale = float(g_bias.abs().max()) or 1.0
+        occupied = mass.abs() > 1e-9 * scale
+        if not bool(occupied.any()):
+            raise AttackNotApplicable("no bin of the trap layer holds an example")
+        inputs = rows[occupied] / mass[occupied, None]
+        shape = plan.input_shape
+        return Reconstruction(
+            inputs=inputs.reshape(-1, *shape).to(observation.gradients[0].dtype),
+            labels=torch.full((len(inputs),), -1, dtype=torch.long),
+            converged=True,
+        )

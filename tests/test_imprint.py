@@ -1,0 +1,160 @@
+"""A dishonest server's crafted weights (binning) and the client's guard against them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gradleak.attacks.imprint import Binning
+from gradleak.data import load_dataset
+from gradleak.errors import AttackNotApplicable
+from gradleak.integrations.guard import inspect_weights
+from gradleak.models import build_model
+from gradleak.threat import observe, observe_aggregate, observe_update
+
+APP = Path(__file__).parent / "apps" / "quickstart"
+
+
+@pytest.fixture(scope="module")
+def mnist(data_root: Path):
+    return load_dataset("mnist", data_dir=data_root)
+
+
+def batch(data, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.stack([data[i][0] for i in range(start, start + count)])
+    return x, torch.tensor([data.label(i) for i in range(start, start + count)])
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 10))
+
+
+def exact(recovered: torch.Tensor, originals: torch.Tensor) -> int:
+    """Originals that some reconstruction matches to MSE below 1e-4."""
+    errors = ((recovered[:, None] - originals[None]) ** 2).flatten(2).mean(-1)
+    return int((errors.min(0).values < 1e-4).sum())
+
+
+def test_binning_reads_most_of_a_batch_of_64_back_exactly(mnist) -> None:
+    public, _ = batch(mnist, 9000, 1000)  # the server's own images of the domain
+    crafted, plan = Binning().craft(mlp(), public)
+    x, y = batch(mnist, 0, 64)
+    recovered = Binning().decode(observe(crafted, x, y), plan).inputs
+    # About (1 - 1/1024)^63 = 94% alone in a bin if the bins were of equal mass for this
+    # batch; measured 57 of 64.
+    assert exact(recovered, x) >= 32
+    # Without the error equaliser (the next layer's columns alike) the rows' errors differ
+    # and the differences of neighbouring rows no longer cancel.
+    unequal, plan = Binning().craft(mlp(), public)
+    with torch.no_grad():
+        unequal[3].weight.copy_(mlp(1)[3].weight)
+    assert exact(Binning().decode(observe(unequal, x, y), plan).inputs, x) <= 2
+
+
+def test_binning_works_through_secure_aggregation(mnist) -> None:
+    public, _ = batch(mnist, 9000, 1000)
+    crafted, plan = Binning().craft(mlp(), public)
+    clients = [batch(mnist, 100 + 16 * c, 16) for c in range(8)]
+    recovered = Binning().decode(observe_aggregate(crafted, clients), plan).inputs
+    everyone = torch.cat([x for x, _ in clients])
+    assert exact(recovered, everyone) >= int(0.4 * 128)  # measured 97 of 128
+
+
+def test_a_model_that_starts_with_convolutions_is_one_line() -> None:
+    model = build_model("convnet", input_shape=(1, 28, 28), num_classes=10, seed=0)
+    with pytest.raises(AttackNotApplicable, match="starts with Conv2d"):
+        Binning().craft(model, torch.rand(8, 1, 28, 28))
+
+
+def test_the_guard_is_quiet_on_honest_models_and_their_training(mnist) -> None:
+    for name, shape in [("lenet", (1, 28, 28)), ("convnet", (1, 28, 28)),
+                        ("resnet20", (3, 32, 32)), ("resnet18", (3, 32, 32))]:  # fmt: skip
+        model = build_model(name, input_shape=shape, num_classes=10, seed=0)
+        assert inspect_weights(model.state_dict()) == [], name
+    sys.path.insert(0, str(APP))
+    try:
+        from qsapp.task import Net
+    finally:
+        sys.path.remove(str(APP))
+    model = mlp()
+    x, y = batch(mnist, 0, 32)
+    previous = None
+    for round_ in range(3):  # FedAvg rounds of one client, the guard checking each
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        assert inspect_weights(state, previous) == [], round_
+        update = observe_update(model, x, y, local_lr=0.1, epochs=1, local_batch=8, seed=round_)
+        model.load_state_dict(update.returned)
+        previous = state
+    assert inspect_weights(Net().state_dict()) == []
+
+
+def test_the_guard_catches_crafted_weights_and_the_evasions_it_knows(mnist) -> None:
+    public, _ = batch(mnist, 9000, 1000)
+    crafted, _ = Binning().craft(mlp(), public)
+    reasons = inspect_weights(crafted.state_dict())
+    assert any("rows repeat" in r for r in reasons)
+    assert any("in order" in r for r in reasons)
+    # Evasion: units shuffled (the server knows the order) and noise on the rows.
+    generator = torch.Generator().manual_seed(1)
+    state = {k: v.clone() for k, v in crafted.state_dict().items()}
+    order = torch.randperm(1024, generator=generator)
+    state["1.weight"] = state["1.weight"][order] + 1e-4 * torch.randn(
+        1024, 784, generator=generator
+    )
+    state["1.bias"] = state["1.bias"][order]
+    state["3.weight"] = state["3.weight"] + 1e-4 * torch.randn(10, 1024, generator=generator)
+    assert any("one direction" in r for r in inspect_weights(state))
+    # A jump out of proportion with learning, and weights that are not numbers.
+    honest = mlp().state_dict()
+    moved = {k: v * 5 for k, v in honest.items()}
+    assert any("moved" in r for r in inspect_weights(moved, honest))
+    broken = dict(honest) | {"3.bias": torch.full((10,), float("nan"))}
+    assert any("NaN" in r for r in inspect_weights(broken))
+    kernels = {"conv.weight": torch.zeros(16, 3, 5, 5)}
+    kernels["conv.weight"][:, :, 2, 2] = 1.0
+    assert any("single input pixel" in r for r in inspect_weights(kernels))
+
+
+def test_model_guard_refuses_crafted_weights_in_a_flower_client(mnist) -> None:
+    pytest.importorskip("flwr", reason='needs pip install "gradleak[flower]"')
+    from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from gradleak.experiments.flower_demo.local import InProcessGrid
+    from gradleak.integrations.flower import ModelGuard
+
+    app = ClientApp(mods=[ModelGuard()])
+
+    @app.train()
+    def train(msg, context):
+        model = mlp()
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        x, y = batch(mnist, 0, 8)
+        update = observe_update(model, x, y, local_lr=0.1, local_steps=1, seed=0)
+        content = RecordDict(
+            {"arrays": ArrayRecord(update.returned), "metrics": MetricRecord({"num-examples": 8})}
+        )
+        return msg.__class__(content=content, reply_to=msg)
+
+    grid = InProcessGrid(app, 2)
+
+    def send(state: dict) -> list:
+        content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"lr": 0.1})})
+        messages = [
+            grid.create_message(content, MessageType.TRAIN, node, "1")
+            for node in grid.get_node_ids()
+        ]
+        return list(grid.send_and_receive(messages))
+
+    honest = send(mlp().state_dict())
+    assert not any(reply.has_error() for reply in honest)
+    public, _ = batch(mnist, 9000, 1000)
+    crafted, _ = Binning().craft(mlp(), public)
+    refused = send(crafted.state_dict())
+    assert all(reply.has_error() for reply in refused)
+    assert "ModelGuard refused" in refused[0].error.reason
