@@ -173,6 +173,16 @@ def add(commands: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--secagg", action="store_true", help="SecAgg+ (Flower's legacy stack)")
     demo.add_argument(
+        "--malicious",
+        default="none",
+        choices=("none", "binning", "trap"),
+        help="a dishonest server: it sends weights crafted to read the clients' images back "
+        "(binning on the first Linear layer, weights only; use --model mlp)",
+    )
+    demo.add_argument(
+        "--guard", action="store_true", help="the clients run ModelGuard, refusing crafted weights"
+    )
+    demo.add_argument(
         "--dp-clipping-norm", type=positive_float, default=0.1, help="DP clipping norm (0.1)"
     )
     demo.add_argument(
@@ -318,6 +328,8 @@ def cmd_flower_demo(args: argparse.Namespace, console: Console) -> None:
         workers=args.workers,
         cpus=args.cpus,
         command=shlex.join(["gradleak", *args.argv]),
+        malicious=args.malicious,
+        guard=args.guard,
     )
     with StageBars(console, "") as bars:
         result = run_flower_demo(run, callback=bars)

@@ -206,6 +206,8 @@ class CaptureWriter:
         stack: "message" (Flower's Message API) or "legacy" (its aggregate_fit API).
         strategy: A description of the wrapped strategy, for the report.
         weighted_by: The metric key that holds a reply's example count.
+        malicious: What a dishonest server crafted (the demo's `--malicious`: the
+            attack and its plan), said in the header and in every report.
 
     Raises:
         ConfigError: The folder cannot be written or holds a capture already.
@@ -221,6 +223,7 @@ class CaptureWriter:
         strategy: str,
         weighted_by: str = "num-examples",
         versions: Mapping[str, str] | None = None,
+        malicious: Mapping[str, Any] | None = None,
     ) -> None:
         from gradleak.outdir import prepare_out
 
@@ -242,6 +245,9 @@ class CaptureWriter:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": dict(versions or {}),
         }
+        if malicious is not None:
+            # Only gradleak's own demo writes this: its server crafted the weights it sent.
+            header["malicious"] = jsonable(dict(malicious))
         _write_atomically(self.folder / CAPTURE_FILE, _dumps(header))
 
     def store_sent(self, server_round: int, records: Records) -> dict[str, Any]:

@@ -100,6 +100,7 @@ def _writer(
     stack: str,
     weighted_by: str,
     normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+    malicious: dict[str, Any] | None = None,
 ) -> CaptureWriter:
     import flwr
 
@@ -114,6 +115,7 @@ def _writer(
         strategy=f"{type(strategy).__module__}.{type(strategy).__qualname__}",
         weighted_by=weighted_by,
         versions={"flwr": flwr.__version__, "gradleak": gradleak.__version__},
+        malicious=malicious,
     )
 
 
@@ -216,6 +218,7 @@ class LeakageAudit(Strategy):
         schedule_keys: ScheduleKeys | None = None,
         on_round: Callable[[int], None] | None = None,
         normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+        malicious: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.strategy = strategy
@@ -223,7 +226,7 @@ class LeakageAudit(Strategy):
         weighted_by = str(getattr(strategy, "weighted_by_key", "num-examples"))
         self.writer = _writer(
             strategy, out, model, input_shape, num_classes, width, schedule_keys, "message",
-            weighted_by, normalize,
+            weighted_by, normalize, malicious,
         )  # fmt: skip
 
     def __repr__(self) -> str:
@@ -320,12 +323,14 @@ class LegacyLeakageAudit(LegacyStrategy):
         width: int | None = None,
         schedule_keys: ScheduleKeys | None = None,
         on_round: Callable[[int], None] | None = None,
+        normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+        malicious: dict[str, Any] | None = None,
     ) -> None:
         self.strategy = strategy
         self.on_round = on_round
         self.writer = _writer(
             strategy, out, model, input_shape, num_classes, width, schedule_keys, "legacy",
-            "num-examples",
+            "num-examples", normalize, malicious,
         )  # fmt: skip
 
     def __repr__(self) -> str:

@@ -42,6 +42,7 @@ class Capture:
     stack: str
     strategy: str
     started: str
+    malicious: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,26 @@ def read_capture(folder: str | os.PathLike[str]) -> Capture:
         stack=stack,
         strategy=str(header.get("strategy", "")),
         started=str(header.get("started", "")),
+        malicious=_malicious(header.get("malicious"), where),
     )
+
+
+def _malicious(value: Any, where: str) -> dict[str, Any] | None:
+    """The demo's dishonest server's plan, checked: {"attack": "binning", "layer", "thresholds",
+    "input_shape"}."""
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, dict) and value.get("attack") == "binning"
+        and isinstance(value.get("layer"), str)
+        and isinstance(value.get("thresholds"), list)
+        and all(isinstance(t, int | float) for t in value["thresholds"])
+        and isinstance(value.get("input_shape"), list)
+        and all(isinstance(v, int) and v > 0 for v in value["input_shape"])
+    )  # fmt: skip
+    if not ok:
+        raise DataError(f"{where}: 'malicious' is not a binning plan gradleak wrote")
+    return value
 
 
 @dataclass(frozen=True)

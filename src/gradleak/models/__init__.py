@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from gradleak.errors import ConfigError
-from gradleak.models.convnet import CONVNET_WIDTH, RESNET18_WIDTH, ConvNet, ResNet18
+from gradleak.models.convnet import CONVNET_WIDTH, MLP, MLP_WIDTH, RESNET18_WIDTH, ConvNet, ResNet18
 from gradleak.models.lenet import LeNet, uniform_init_
 from gradleak.models.resnet import CifarResNet
 from gradleak.models.user import (
@@ -48,10 +48,13 @@ MODELS: dict[str, ModelFactory] = {
     "resnet18": lambda input_shape, num_classes, generator, width=RESNET18_WIDTH: ResNet18(
         input_shape, num_classes, width=width, generator=generator
     ),
+    "mlp": lambda input_shape, num_classes, generator, width=MLP_WIDTH: MLP(
+        input_shape, num_classes, width=width, generator=generator
+    ),
 }
 
 # The models that take a base width, and their default one.
-WIDTHS: dict[str, int] = {"convnet": CONVNET_WIDTH, "resnet18": RESNET18_WIDTH}
+WIDTHS: dict[str, int] = {"convnet": CONVNET_WIDTH, "resnet18": RESNET18_WIDTH, "mlp": MLP_WIDTH}
 
 
 def build_model(
@@ -160,6 +163,7 @@ __all__ = [
     "CifarResNet",
     "ConvNet",
     "LeNet",
+    "MLP",
     "ModelSpec",
     "ResNet18",
     "build_model",

@@ -189,3 +189,37 @@ def default_init_(model: nn.Module, *, generator: torch.Generator | None) -> nn.
         elif isinstance(module, nn.BatchNorm2d):
             module.reset_parameters()
     return model
+
+
+MLP_WIDTH = 1024
+
+
+class MLP(nn.Module):
+    """A two-layer perceptron on flattened images (model "mlp"): Linear(d, w) - ReLU - Linear.
+
+    The simplest model federated tutorials train, and the one whose first layer a
+    dishonest server can turn into a trap with the weights alone (`attacks/imprint.py`).
+    ``width`` is the hidden layer's size (1,024 by default).
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int] = (1, 28, 28),
+        num_classes: int = 10,
+        *,
+        width: int = MLP_WIDTH,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if width < 1:
+            raise ConfigError(f"the mlp's width must be 1 or more, got {width}")
+        features = int(input_shape[0] * input_shape[1] * input_shape[2])
+        with _own_rng():
+            self.flatten = nn.Flatten()
+            self.fc1 = nn.Linear(features, width)
+            self.act = nn.ReLU()
+            self.fc2 = nn.Linear(width, num_classes)
+        default_init_(self, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.flatten(x))))

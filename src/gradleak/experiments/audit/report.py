@@ -32,6 +32,7 @@ KEYS = (
     "true_labels", "predicted_labels", "label_accuracy", "mse", "psnr", "ssim", "per_image_mse",
     "images_rebuilt", "per_image_psnr", "per_image_ssim", "images_recognisable",
     "label_counts_true", "label_counts_read", "histogram_error", "class_set_exact", "verdict",
+    "recovered_bins",
     "matching_loss", "converged", "iterations", "seconds", "strip", "leaked", "error",
 )  # fmt: skip
 
@@ -138,6 +139,17 @@ def verdict(summary: Mapping[str, Any]) -> list[str]:
     """The report's first screen: per round what leaked, what the server saw, what would help."""
     entries = [e for e in summary["entries"] if not e.get("error")]
     lines: list[str] = []
+    if summary.get("malicious"):
+        rebuilt = sum(e.get("images_rebuilt") or 0 for e in entries)
+        total = sum(e["num_examples"] or 0 for e in entries)
+        refused = sum(1 for note in summary["notes"] if "ModelGuard refused" in note)
+        lines.append(
+            "- **A DISHONEST SERVER**: this run's server sent weights crafted to read the "
+            f"clients' images back (binning on layer '{summary['malicious']['layer']}'): "
+            f"{rebuilt} of {total} private images read back exactly (MSE < 1e-4)"
+            + (f"; {refused} client replies refused by ModelGuard" if refused else "")
+            + "."
+        )
     for round_ in sorted({e["round"] for e in summary["entries"]}):
         here = [e for e in entries if e["round"] == round_]
         refused = [e for e in summary["entries"] if e["round"] == round_ and e.get("error")]

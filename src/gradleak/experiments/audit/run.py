@@ -38,6 +38,8 @@ import torch
 
 import gradleak
 from gradleak import metrics
+from gradleak.attacks.auto import one_step_gradient
+from gradleak.attacks.imprint import Binning, BinningPlan
 from gradleak.attacks.labels import batch_labels, update_label_counts
 from gradleak.errors import AttackNotApplicable, ConfigError, GradleakError
 from gradleak.experiments.audit import report
@@ -244,6 +246,10 @@ def audit_target(work: Work, spec: tuple[Item, tuple[Exchange, ...], bool], emit
     start = time.perf_counter()
     result: Reconstruction | None = None
     counts = read_label_counts(target)
+    if work.capture.malicious is not None:
+        row = malicious_row(target, work.capture.malicious, time.perf_counter() - start)
+        emit(row | label_row(target, counts), {})
+        return
     if target.num_examples > run.max_examples:
         method, error = "labels", None
         reason = (
@@ -267,6 +273,43 @@ def audit_target(work: Work, spec: tuple[Item, tuple[Exchange, ...], bool], emit
     row |= label_row(target, counts)
     row["verdict"] = client_verdict(row)
     emit(row, {report.frames_file(item): frames(target, result, row)})
+
+
+# An example the dishonest server's decoder gives back this close (MSE per pixel) is exact.
+EXACT_MSE = 1e-4
+
+
+def malicious_row(target: Target, plan: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """What the dishonest server read from one reply with the binning decoder it planned."""
+    observation = target.observation
+    if isinstance(observation, UpdateObservation):
+        observation = one_step_gradient(observation)
+    binning = BinningPlan(
+        str(plan["layer"]), tuple(float(t) for t in plan["thresholds"]),
+        tuple(int(v) for v in plan["input_shape"]),
+    )  # fmt: skip
+    error, recovered = None, None
+    try:
+        recovered = Binning().decode(observation, binning).inputs.detach().cpu().float()
+    except AttackNotApplicable as failure:
+        error = str(failure)
+    row = result_row(target, None, "binning", "the dishonest server's decoder", seconds, error)
+    row["recovered_bins"] = None if recovered is None else len(recovered)
+    if recovered is None or target.truth is None:
+        return row
+    images, labels = target.truth
+    errors = ((recovered[:, None] - images[None]) ** 2).flatten(2).mean(-1)
+    best = errors.min(0).values
+    exact = int((best < EXACT_MSE).sum())
+    row |= {
+        "true_labels": sorted(int(v) for v in labels),
+        "per_image_mse": [finite_or_none(float(v)) for v in best],
+        "mse": finite_or_none(float(best.mean())),
+        "images_rebuilt": exact,
+        "images_recognisable": exact,
+        "verdict": f"{exact} of {len(best)} images read back exactly by the dishonest server",
+    }
+    return row
 
 
 def read_label_counts(target: Target) -> np.ndarray | None:
@@ -539,6 +582,7 @@ def _context(
         "max_examples": run.max_examples,
         "wall_seconds": round(time.perf_counter() - started, 3),
         "date": time.strftime("%Y-%m-%d"),
+        "malicious": capture.malicious,
         "gradleak": gradleak.__version__,
         "torch": torch.__version__,
     }

@@ -45,11 +45,12 @@ from flwr.serverapp.strategy import (
 )
 from torch import nn
 
+from gradleak.attacks.imprint import Binning
 from gradleak.data import ImageDataset
 from gradleak.experiments.common import cached_dataset
 from gradleak.experiments.flower_demo.settings import DemoRun
 from gradleak.integrations.capture import PRIVATE_FOLDER, ModelInfo
-from gradleak.integrations.flower import LeakageAudit, LegacyLeakageAudit
+from gradleak.integrations.flower import LeakageAudit, LegacyLeakageAudit, ModelGuard
 from gradleak.models import build_model
 
 OnRound = Callable[[int], None]
@@ -158,12 +159,12 @@ def make_client_app(run: DemoRun) -> ClientApp:
     """The Message-API client, with Flower's client-side DP mod when the run asks for one."""
     from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 
-    mods: list[Any] = []
+    mods: list[Any] = [ModelGuard()] if run.guard else []
     if run.flower_dp == "client-fixed":
-        mods = [fixedclipping_mod]
+        mods += [fixedclipping_mod]
     elif run.flower_dp == "local":
         clip = run.dp_clipping_norm
-        mods = [LocalDpMod(clip, sensitivity=clip, epsilon=run.dp_epsilon, delta=run.dp_delta)]
+        mods += [LocalDpMod(clip, sensitivity=clip, epsilon=run.dp_epsilon, delta=run.dp_delta)]
     app = ClientApp(mods=mods)
 
     @app.train()
@@ -188,7 +189,8 @@ def make_legacy_client_app(run: DemoRun) -> ClientApp:
     def client_fn(context: Context) -> Any:
         return _LegacyClient(run, context).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+    guard = [ModelGuard()] if run.guard else []
+    return ClientApp(client_fn=client_fn, mods=[*guard, secaggplus_mod])
 
 
 class _LegacyClient(NumPyClient):
@@ -207,7 +209,57 @@ class _LegacyClient(NumPyClient):
 # --- the server ---------------------------------------------------------------------------
 
 
-def build_strategy(run: DemoRun, info: ModelInfo, on_round: OnRound | None = None) -> LeakageAudit:
+# The dishonest server's own images of the domain, from which it sets the bins: the last ones
+# of the test split (clients may hold some of them too; the bins need only the domain's
+# statistics, not the clients' images).
+PUBLIC_IMAGES = 1000
+
+
+def crafted_weights(run: DemoRun, data: ImageDataset) -> tuple[nn.Module, dict[str, Any]]:
+    """The demo's dishonest server: the seeded model with binning weights, and the plan."""
+    model = demo_model(run, data)
+    start = max(0, len(data) - PUBLIC_IMAGES)
+    public = torch.stack([data[i][0] for i in range(start, len(data))])
+    crafted, plan = Binning().craft(model, public)
+    return crafted, {
+        "attack": "binning",
+        "layer": plan.layer,
+        "thresholds": list(plan.thresholds),
+        "input_shape": list(plan.input_shape),
+    }
+
+
+class CraftedWeights(Strategy):
+    """A dishonest server's strategy: the wrapped one, but every round it sends `crafted`."""
+
+    def __init__(self, strategy: Strategy, crafted: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.strategy, self.crafted = strategy, crafted
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Any:  # fmt: skip
+        return self.strategy.configure_train(server_round, ArrayRecord(self.crafted), config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Any) -> Any:
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Any:  # fmt: skip
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Any) -> Any:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+def build_strategy(
+    run: DemoRun,
+    info: ModelInfo,
+    on_round: OnRound | None = None,
+    crafted: tuple[nn.Module, dict[str, Any]] | None = None,
+) -> LeakageAudit:
     """FedAvg over every client, in Flower's DP wrapper if asked, in LeakageAudit (outermost)."""
     strategy: Strategy = FedAvg(
         fraction_train=1.0,
@@ -220,14 +272,19 @@ def build_strategy(run: DemoRun, info: ModelInfo, on_round: OnRound | None = Non
         strategy = DifferentialPrivacyServerSideFixedClipping(strategy, *dp)
     elif run.flower_dp == "client-fixed":
         strategy = DifferentialPrivacyClientSideFixedClipping(strategy, *dp)
-    return LeakageAudit(strategy, out=run.captures, model=info, on_round=on_round)
+    plan = None
+    if crafted is not None:
+        strategy = CraftedWeights(strategy, crafted[0].state_dict())
+        plan = crafted[1]
+    return LeakageAudit(strategy, out=run.captures, model=info, on_round=on_round, malicious=plan)
 
 
 def serve(grid: Grid, run: DemoRun, on_round: OnRound | None = None) -> Any:
     """The ServerApp's work: the wrapped FedAvg for `run.rounds` rounds from the seeded model."""
     data = cached_dataset(run.dataset, run.data_dir)
     model = demo_model(run, data)
-    strategy = build_strategy(run, model_info(run, data), on_round)
+    crafted = crafted_weights(run, data) if run.malicious != "none" else None
+    strategy = build_strategy(run, model_info(run, data), on_round, crafted)
     return strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
@@ -247,6 +304,9 @@ def serve_legacy(
 
     data = cached_dataset(run.dataset, run.data_dir)
     model = demo_model(run, data)
+    plan = None
+    if run.malicious != "none":
+        model, plan = crafted_weights(run, data)
     arrays = [t.detach().cpu().numpy() for t in model.state_dict().values()]
     strategy = LegacyFedAvg(
         fraction_fit=1.0,
@@ -257,9 +317,12 @@ def serve_legacy(
         on_fit_config_fn=lambda server_round: {**run.train_config(), "server-round": server_round},
         initial_parameters=ndarrays_to_parameters(arrays),
     )
+    if plan is not None:
+        strategy = _CraftedLegacy(strategy, ndarrays_to_parameters(arrays))
     audit = LegacyLeakageAudit(
-        strategy, out=run.captures, model=model_info(run, data), on_round=on_round
-    )
+        strategy, out=run.captures, model=model_info(run, data), on_round=on_round,
+        malicious=plan,
+    )  # fmt: skip
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=run.rounds), strategy=audit
     )
@@ -271,6 +334,22 @@ def serve_legacy(
     )
     workflow = DefaultWorkflow(fit_workflow=secagg)
     workflow(grid, legacy)
+
+
+class _CraftedLegacy:
+    """The dishonest server on the legacy stack: every round it sends `parameters`."""
+
+    def __init__(self, strategy: Any, parameters: Any) -> None:
+        self.strategy, self.parameters = strategy, parameters
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.strategy, name)
+
+    def initialize_parameters(self, client_manager: Any) -> Any:
+        return self.parameters
+
+    def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+        return self.strategy.configure_fit(server_round, self.parameters, client_manager)
 
 
 def make_server_app(run: DemoRun, on_round: OnRound | None = None) -> ServerApp:

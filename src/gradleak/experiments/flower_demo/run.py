@@ -81,6 +81,10 @@ def run_flower_demo(run: DemoRun, *, callback: ProgressCallback | None = None) -
         run.model, input_shape=data.shape, num_classes=data.num_classes, width=run.width, seed=0
     )
     info = ModelInfo(run.model, data.shape, data.num_classes, model.gradleak_spec.width)
+    if run.malicious != "none":
+        from gradleak.attacks.imprint import trap_layers
+
+        trap_layers(model)  # one line, before Flower starts, if the model has no trap layer
     ray_temp = _flower_environment(out)  # before Flower is imported: it reads them at import
     from gradleak.integrations.flower import require_flower
 

@@ -11,6 +11,7 @@ from typing import Any
 from gradleak.errors import ConfigError
 
 DP_MODES = ("none", "server-fixed", "client-fixed", "local")
+MALICIOUS = ("none", "binning", "trap")  # "trap": the same weights-only binning, by its other name
 CAPTURES = "captures"
 
 
@@ -42,6 +43,9 @@ class DemoRun:
         method, iterations, tv_scale, workers: passed to the audit.
         cpus: CPUs Ray may use for the clients (None: the cores here, at most `clients`).
         command: The command line, quoted in the report.
+        malicious: "none", or "binning"/"trap": the server sends weights crafted to
+            read the clients' images back (`attacks/imprint.py`) every round.
+        guard: The clients run `ModelGuard`, refusing weights that look crafted.
     """
 
     clients: int = 4
@@ -67,6 +71,8 @@ class DemoRun:
     workers: int | None = None
     cpus: int | None = None
     command: str = ""
+    malicious: str = "none"
+    guard: bool = False
 
     def __post_init__(self) -> None:
         for name in ("clients", "rounds", "local_steps", "batch_size"):
@@ -99,6 +105,12 @@ class DemoRun:
             raise ConfigError(
                 f"--dp-noise-multiplier must be 0 or more, got {self.dp_noise_multiplier:g}"
             )
+        if self.malicious not in MALICIOUS:
+            raise ConfigError(
+                f"--malicious must be one of {', '.join(MALICIOUS)}, got {self.malicious!r}"
+            )
+        if self.malicious != "none" and self.local_steps != 1:
+            raise ConfigError("--malicious decodes one-step updates: keep --local-steps 1")
         if self.cpus is not None and self.cpus < 1:
             raise ConfigError(f"--cpus must be 1 or more, got {self.cpus}")
 
@@ -115,7 +127,7 @@ class DemoRun:
         keep = (
             "clients", "rounds", "dataset", "model", "width", "local_steps", "batch_size", "lr",
             "flower_dp", "secagg", "dp_clipping_norm", "dp_noise_multiplier", "dp_epsilon",
-            "dp_delta", "seed",
+            "dp_delta", "seed", "malicious", "guard",
         )  # fmt: skip
         values = dataclasses.asdict(self)
         return {key: values[key] for key in keep}
