@@ -158,3 +158,33 @@ def test_model_guard_refuses_crafted_weights_in_a_flower_client(mnist) -> None:
     refused = send(crafted.state_dict())
     assert all(reply.has_error() for reply in refused)
     assert "ModelGuard refused" in refused[0].error.reason
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_the_malicious_demo_reads_clients_back_unless_they_guard(
+    data_root: Path, tmp_path: Path, guard: bool
+) -> None:
+    pytest.importorskip("flwr", reason='needs pip install "gradleak[flower]"')
+    from gradleak.experiments.audit.run import AuditRun, run_audit
+    from gradleak.experiments.flower_demo.apps import make_client_app, serve
+    from gradleak.experiments.flower_demo.local import InProcessGrid
+    from gradleak.experiments.flower_demo.settings import DemoRun
+    from gradleak.integrations.reader import read_capture
+
+    run = DemoRun(
+        clients=2, rounds=1, dataset="mnist", model="mlp", batch_size=32, data_dir=str(data_root),
+        out=str(tmp_path / "run"), malicious="trap", guard=guard,
+    )  # fmt: skip
+    serve(InProcessGrid(make_client_app(run), run.clients), run)
+    assert read_capture(run.captures).malicious["attack"] == "binning"  # the header says so
+    result = run_audit(AuditRun(captures=str(run.captures), out=str(tmp_path / "audit"),
+                                workers=1))  # fmt: skip
+    report = (tmp_path / "audit" / "report.md").read_text()
+    assert "A DISHONEST SERVER" in report
+    if guard:
+        assert result.summary["entries"] == []
+        assert sum("ModelGuard refused" in note for note in result.summary["notes"]) == 2
+        assert "2 client replies refused by ModelGuard" in report
+    else:
+        rebuilt = sum(e["images_rebuilt"] for e in result.summary["entries"])
+        assert rebuilt >= 32, rebuilt  # of 64
