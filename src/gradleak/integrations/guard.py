@@ -39,6 +39,10 @@ class GuardSettings:
     Attributes:
         duplicate_share: Refuse a layer whose share of rows (or columns) equal to
             another row (column) is above this.
+        aligned_cosine, aligned_rows, aligned_share: Refuse a matrix with at least
+            `aligned_rows` rows (and `aligned_share` of them) whose direction another
+            row shares to this cosine (trap rows: exact repeats, or with noise added,
+            or a few bins among honest rows).
         dominant_share: Refuse a matrix whose top singular direction holds more
             than this share of its squared norm (its rows nearly alike, e.g. trap
             rows with noise added to hide the repeats).
@@ -54,6 +58,9 @@ class GuardSettings:
     """
 
     duplicate_share: float = 0.5
+    aligned_cosine: float = 0.99
+    aligned_rows: int = 8
+    aligned_share: float = 0.01
     dominant_share: float = 0.5
     rank_share: float = 0.25
     ordered_bias: float = 0.95
@@ -112,8 +119,14 @@ def _matrix(name: str, w: np.ndarray, settings: GuardSettings) -> list[str]:
     reasons = []
     if w.shape[0] >= settings.min_units:
         share = _duplicated_share(w)
+        aligned = _aligned_rows(w, settings.aligned_cosine)
         if share > settings.duplicate_share and np.abs(w).max() > 0:
             reasons.append(f"{name}: {share:.0%} of its rows repeat another row")
+        elif aligned >= max(settings.aligned_rows, settings.aligned_share * len(w)):
+            reasons.append(
+                f"{name}: {aligned} of its rows point the same way as another row "
+                f"(cosine above {settings.aligned_cosine})"
+            )
     if w.shape[1] >= settings.min_units:
         share = _duplicated_share(w.T)
         if share > settings.duplicate_share and np.abs(w).max() > 0:
@@ -133,6 +146,22 @@ def _matrix(name: str, w: np.ndarray, settings: GuardSettings) -> list[str]:
         if rank < settings.rank_share * width:
             reasons.append(f"{name}: rank {rank} where its shape allows {width} (sampled)")
     return reasons
+
+
+def _aligned_rows(w: np.ndarray, cosine: float, sample: int = 512) -> int:
+    """How many of (up to `sample`) non-zero rows have another row at a cosine above `cosine`,
+    scaled to the whole matrix.  Random or trained rows of a layer point in their own
+    directions; rows that measure one statistic of the input point in the same one, noise
+    or not."""
+    rows = w if len(w) <= sample else w[np.random.default_rng(0).choice(len(w), sample, False)]
+    norms = np.linalg.norm(rows, axis=1)
+    rows = rows[norms > 0] / norms[norms > 0, None]
+    if len(rows) < 2:
+        return 0
+    gram = rows @ rows.T
+    np.fill_diagonal(gram, 0.0)
+    count = int((gram.max(axis=1) > cosine).sum())
+    return round(count * len(w) / max(1, len(norms)))
 
 
 def _dominant_share(w: np.ndarray, steps: int = 30) -> float:
