@@ -93,7 +93,7 @@ def evasions(data) -> list[tuple[str, bool, int]]:
     ]
     for noise in (1e-3, 1e-2, 1e-1):
         settings.append((f"shuffled, noise {noise:g}", 1024, noise, True))
-    for bins in (256, 64, 16):
+    for bins in (256, 64, 16, 8, 4):
         settings.append((f"{bins} bins among honest rows, shuffled", bins, 0.0, True))
     for label, bins, noise, hide in settings:
         crafted, plan = Binning(bins=bins).craft(base, public)

@@ -108,7 +108,12 @@ def test_the_guard_catches_crafted_weights_and_the_evasions_it_knows(mnist) -> N
     )
     state["1.bias"] = state["1.bias"][order]
     state["3.weight"] = state["3.weight"] + 1e-4 * torch.randn(10, 1024, generator=generator)
-    assert any("one direction" in r for r in inspect_weights(state))
+    assert any("point the same way" in r for r in inspect_weights(state))
+    # A few bins hidden among the honest model's own rows.
+    few = {k: v.clone() for k, v in mlp().state_dict().items()}
+    few["1.weight"][:16] = crafted.state_dict()["1.weight"][:16]
+    few["1.bias"][:16] = crafted.state_dict()["1.bias"][:16]
+    assert any("16 of its rows point the same way" in r for r in inspect_weights(few))
     # A jump out of proportion with learning, and weights that are not numbers.
     honest = mlp().state_dict()
     moved = {k: v * 5 for k, v in honest.items()}

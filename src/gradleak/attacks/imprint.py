@@ -95,14 +95,17 @@ class Binning:
 
     Args:
         bins: Units of the trap layer to use (None: all of them).
+        empty: A bin whose error mass is below this share of the largest (unit 0's,
+            every example's) is empty: noise, not an example.
     """
 
     name = "binning"
 
-    def __init__(self, bins: int | None = None) -> None:
+    def __init__(self, bins: int | None = None, *, empty: float = 1e-4) -> None:
         if bins is not None and bins < 2:
             raise ConfigError(f"binning needs at least 2 bins, got {bins}")
         self.bins = bins
+        self.empty = empty
 
     def craft(self, model: nn.Module, public: torch.Tensor) -> tuple[nn.Module, BinningPlan]:
         """The crafted weights for `model`, with bins at the quantiles of `public` data.
@@ -160,8 +163,9 @@ class Binning:
         upper_w = torch.cat([g_weight[1:], torch.zeros_like(g_weight[:1])])
         upper_b = torch.cat([g_bias[1:], torch.zeros_like(g_bias[:1])])
         rows, mass = g_weight - upper_w, g_bias - upper_b
+        # A bin is empty when its mass is rounding (or, through SecAgg+, quantisation) noise.
         scale = float(g_bias.abs().max()) or 1.0
-        occupied = mass.abs() > 1e-9 * scale
+        occupied = mass.abs() > self.empty * scale
         if not bool(occupied.any()):
             raise AttackNotApplicable("no bin of the trap layer holds an example")
         inputs = rows[occupied] / mass[occupied, None]

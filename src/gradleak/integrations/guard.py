@@ -148,9 +148,9 @@ def _matrix(name: str, w: np.ndarray, settings: GuardSettings) -> list[str]:
     return reasons
 
 
-def _aligned_rows(w: np.ndarray, cosine: float, sample: int = 512) -> int:
-    """How many of (up to `sample`) non-zero rows have another row at a cosine above `cosine`,
-    scaled to the whole matrix.  Random or trained rows of a layer point in their own
+def _aligned_rows(w: np.ndarray, cosine: float, sample: int = 2048) -> int:
+    """How many non-zero rows (of up to `sample` sampled, scaled to the whole matrix) have
+    another row at a cosine above `cosine`.  Random or trained rows of a layer point in their own
     directions; rows that measure one statistic of the input point in the same one, noise
     or not."""
     rows = w if len(w) <= sample else w[np.random.default_rng(0).choice(len(w), sample, False)]
@@ -209,8 +209,8 @@ def _jumps(
         if name not in previous:
             continue
         before = np.asarray(_numpy(previous[name]))
-        if not np.issubdtype(w.dtype, np.floating):
-            continue
+        if not np.issubdtype(w.dtype, np.floating) or w.ndim < 2:
+            continue  # biases and BatchNorm's vectors start near zero: any step is a jump
         if before.shape != w.shape:
             reasons.append(f"{name} changed shape since the last round")
             continue

@@ -13,6 +13,7 @@ from gradleak.errors import ConfigError
 DP_MODES = ("none", "server-fixed", "client-fixed", "local")
 MALICIOUS = ("none", "binning", "trap")  # "trap": the same weights-only binning, by its other name
 CAPTURES = "captures"
+MALICIOUS_SECAGG_LR = 10.0
 
 
 @dataclass(frozen=True)
@@ -119,8 +120,16 @@ class DemoRun:
         return Path(self.out) / CAPTURES
 
     def train_config(self) -> dict[str, Any]:
-        """What the server sends every client each round (Flower adds "server-round")."""
-        return {"lr": self.lr, "local-steps": self.local_steps, "batch-size": self.batch_size}
+        """What the server sends every client each round (Flower adds "server-round").
+
+        A dishonest server under SecAgg+ also sets the learning rate: SecAgg+ clips each
+        update entry to [-8, 8] and quantises it in steps of about 4e-6, below which a
+        one-step update of lr 0.01 mostly lies; at lr `MALICIOUS_SECAGG_LR` it does not.
+        """
+        lr = self.lr
+        if self.malicious != "none" and self.secagg:
+            lr = max(lr, MALICIOUS_SECAGG_LR)
+        return {"lr": lr, "local-steps": self.local_steps, "batch-size": self.batch_size}
 
     def recorded(self) -> dict[str, Any]:
         """The settings that decide what the simulation produces (demo.json)."""
