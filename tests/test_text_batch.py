@@ -12,6 +12,7 @@ import torch
 from gradleak.attacks.tag import TagAttack
 from gradleak.cli import main
 from gradleak.experiments.text.batch import read_sentences, rouge_n, score, token_accuracy
+from gradleak.experiments.text.dager import DagerTableRun, run_dager_table
 from gradleak.models.text_lm import LanguageModel, build_language_model, encode_batch, observe_batch
 
 
@@ -37,6 +38,7 @@ def test_rouge_by_hand() -> None:
 def test_score_pairs_like_brute_force(gpt2: LanguageModel) -> None:
     truth = [(1, 5, 6, 7, 2), (1, 8, 9, 2), (1, 5, 9, 7, 2)]
     recovered = [(1, 8, 9, 2), (1, 5, 9, 9, 2), (1, 5, 6, 7, 2)]
+    assert token_accuracy(truth[2], recovered[1]) == pytest.approx(2 / 3)  # frame left out
     best = max(
         sum(token_accuracy(t, recovered[j]) for t, j in zip(truth, perm, strict=True))
         for perm in itertools.permutations(range(3))
@@ -118,3 +120,23 @@ def test_attack_text_batch_bad_input(
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.startswith("gradleak: error: ") and message in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_dager_table_runs_and_resumes(tmp_path: Path) -> None:
+    run = DagerTableRun(
+        models=("gpt2-tiny", "llama-tiny"), batch_sizes=(1, 2), methods=("span",),
+        device="cpu", out=str(tmp_path), workers=1,
+    )  # fmt: skip
+    summary = run_dager_table(run)
+    assert [(r["model"], r["batch_size"]) for r in summary["rows"]] == [
+        ("gpt2-tiny", 1), ("gpt2-tiny", 2), ("llama-tiny", 1), ("llama-tiny", 2),
+    ]  # fmt: skip
+    assert all(r["exact"] == 1.0 and r["rouge2"] == 1.0 for r in summary["rows"])
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert (
+        "| gpt2-tiny | 64 x 2 | 2 | span | 100% | 100.0 | 100.0 |"
+        in (tmp_path / "report.md").read_text()
+    )
+    again = run_dager_table(run)  # resumed: nothing recomputed, same rows
+    assert (tmp_path / "results.jsonl").read_text().splitlines() == lines
+    assert again["rows"] == summary["rows"]

@@ -74,9 +74,28 @@ def add(commands: argparse._SubParsersAction) -> None:
         "decoded dummies beside the paper's figure), summary.json and one trace per sentence.",
     )
     figure.add_argument(
+        "--paper",
+        default="dlg",
+        choices=("dlg", "dager"),
+        help="dlg: DLG's text figure (default); dager: exact rate, ROUGE-1/2 and token "
+        "accuracy per model x batch size x method, the span attack beside the TAG baseline",
+    )
+    figure.add_argument(
         "--mode", default="improved", help="improved (default), faithful, or both (comma list)"
     )
-    figure.add_argument("--iterations", type=positive_int, default=100, help="L-BFGS steps")
+    figure.add_argument(
+        "--iterations", type=positive_int, default=None, help="L-BFGS (100) or TAG (200) steps"
+    )
+    figure.add_argument(
+        "--models", default="gpt2-small,llama-small", help="dager: built-in models (comma list)"
+    )
+    figure.add_argument("--batch-sizes", default="1,4,16", help="dager: batch sizes (1,4,16)")
+    figure.add_argument("--methods", default="span,tag", help="dager: span and/or tag")
+    figure.add_argument(
+        "--layers", type=positive_int, default=2, help="dager: depth of the built-in models (2)"
+    )
+    figure.add_argument("--lora-rank", type=non_negative_int, default=0, help="dager: LoRA rank")
+    figure.add_argument("--local-steps", type=positive_int, default=1, help="dager: SGD steps")
     figure.add_argument("--seed", type=non_negative_int, default=0, help="run seed (0)")
     figure.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     figure.add_argument("--out", default="runs/reproduce-text", help="output folder")
@@ -203,12 +222,15 @@ def cmd_attack_batch(args: argparse.Namespace, console: Console, methods: tuple[
 
 
 def cmd_reproduce_text(args: argparse.Namespace, console: Console) -> None:
+    if args.paper == "dager":
+        cmd_reproduce_dager(args, console)
+        return
     from gradleak.experiments.text.reproduce import TextReproduceRun, run_reproduce_text
 
     modes = ("improved", "faithful") if args.mode == "both" else tuple(args.mode.split(","))
     run = TextReproduceRun(
         modes=modes,
-        iterations=args.iterations,
+        iterations=args.iterations or 100,
         seed=args.seed,
         device=args.device,
         out=args.out,
@@ -224,3 +246,38 @@ def cmd_reproduce_text(args: argparse.Namespace, console: Console) -> None:
             f"{100 * stats['exact']:.0f}% of sentences exact, {stats['seconds']} s"
         )
     console.print(f"wrote {run.out}/report.md, summary.json and the traces")
+
+
+def cmd_reproduce_dager(args: argparse.Namespace, console: Console) -> None:
+    from gradleak.errors import ConfigError
+    from gradleak.experiments.text.dager import DagerTableRun, run_dager_table
+
+    try:
+        sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        raise ConfigError(f"--batch-sizes takes whole numbers, got '{args.batch_sizes}'") from None
+    out = args.out if args.out != "runs/reproduce-text" else "runs/reproduce-text-dager"
+    run = DagerTableRun(
+        models=tuple(args.models.split(",")),
+        batch_sizes=sizes,
+        methods=tuple(args.methods.split(",")),
+        layers=args.layers,
+        lora_rank=args.lora_rank,
+        local_steps=args.local_steps,
+        tag_iterations=args.iterations or 200,
+        seed=args.seed,
+        device=args.device,
+        out=out,
+        command=shlex.join(["gradleak", *args.argv]),
+        workers=args.workers or 1,
+        ray=args.ray,
+    )
+    with StageBars(console, "cells", lambda stage: "model x batch size") as bars:
+        summary = run_dager_table(run, callback=bars)
+    for row in summary["rows"]:
+        console.print(
+            f"{row['model']} B={row['batch_size']} {row['method']}: "
+            f"{100 * row['exact']:.0f}% exact, ROUGE-1 {100 * row['rouge1']:.1f}, "
+            f"ROUGE-2 {100 * row['rouge2']:.1f}, {row['seconds']:.1f} s"
+        )
+    console.print(f"wrote {run.out}/report.md, summary.json and results.jsonl")

@@ -147,7 +147,13 @@ def run_batch_attack(
                 "candidates_per_position": [len(c) for c in found.candidates],
             }  # fmt: skip
             sequences = list(found.sequences)
-            if not found.applicable and run.fallback and "tag" not in run.methods:
+            if found.applicable and not sequences and lm.kind == "encoder":
+                row["applicable"] = False
+                row["reason"] = (
+                    "an encoder's batch of more than one sequence needs DAGER's combination "
+                    "search, which gradleak does not implement: per-position candidates only"
+                )
+            if not row["applicable"] and run.fallback and "tag" not in run.methods:
                 row["fallback"] = "tag"
                 sequences, row["seconds"] = _tag(lm, observation, batch, run, callback)
         else:
@@ -217,8 +223,12 @@ def score(
 
 
 def token_accuracy(truth: tuple[int, ...], guess: tuple[int, ...]) -> float:
-    """Share of the true sequence's positions that hold the same token in `guess`."""
-    return sum(a == b for a, b in zip(truth, guess, strict=False)) / len(truth)
+    """Share of the true sentence's tokens that `guess` holds at the same place.
+
+    The frame (``<s>`` first, ``</s>`` last) is left out: every method is given it.
+    """
+    inner, other = truth[1:-1], guess[1:-1]
+    return sum(a == b for a, b in zip(inner, other, strict=False)) / max(1, len(inner))
 
 
 def rouge_n(reference: str, candidate: str, n: int) -> float:
