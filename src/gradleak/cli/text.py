@@ -52,6 +52,11 @@ def add(commands: argparse._SubParsersAction) -> None:
     text.add_argument(
         "--layers", type=positive_int, default=None, help="depth of a built-in model (its own)"
     )
+    text.add_argument(
+        "--no-fallback",
+        action="store_true",
+        help="when the span cannot hold the batch, say so and stop (default: run TAG instead)",
+    )
     text.add_argument("--mode", default="improved", help="improved (default) or faithful")
     text.add_argument(
         "--iterations",
@@ -95,6 +100,9 @@ def add(commands: argparse._SubParsersAction) -> None:
         "--layers", type=positive_int, default=2, help="dager: depth of the built-in models (2)"
     )
     figure.add_argument("--lora-rank", type=non_negative_int, default=0, help="dager: LoRA rank")
+    figure.add_argument(
+        "--tag-max-batch", type=positive_int, default=4, help="dager: TAG up to this B (4)"
+    )
     figure.add_argument("--local-steps", type=positive_int, default=1, help="dager: SGD steps")
     figure.add_argument("--seed", type=non_negative_int, default=0, help="run seed (0)")
     figure.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
@@ -184,6 +192,7 @@ def cmd_attack_batch(args: argparse.Namespace, console: Console, methods: tuple[
         local_steps=args.local_steps,
         local_lr=args.local_lr,
         tag_iterations=args.iterations or 300,
+        fallback=not args.no_fallback,
         seed=args.seed,
         device=args.device,
         out=args.out,
@@ -265,6 +274,7 @@ def cmd_reproduce_dager(args: argparse.Namespace, console: Console) -> None:
         lora_rank=args.lora_rank,
         local_steps=args.local_steps,
         tag_iterations=args.iterations or 200,
+        tag_max_batch=args.tag_max_batch,
         seed=args.seed,
         device=args.device,
         out=out,
