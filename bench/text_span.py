@@ -23,7 +23,7 @@ SETTINGS = [
     ("full, FedSGD", "gpt2-small", 16, []),
     ("LoRA r=8, FedSGD", "gpt2-small", 16, ["--lora-rank", "8"]),
     ("LoRA r=256, FedSGD", "gpt2-small", 16, ["--lora-rank", "256"]),
-    ("full, 3 local steps lr 1e-4", "gpt2-small", 16, ["--local-steps", "3", "--local-lr", "1e-4"]),
+    ("full, 3 local steps lr 1e-3", "gpt2-small", 16, ["--local-steps", "3", "--local-lr", "1e-3"]),
     ("full, FedSGD", "gpt2-small", 64, []),
     ("full, FedSGD", "llama-small", 8, []),
     ("full, FedSGD", "bert-base", 1, []),

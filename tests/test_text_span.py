@@ -217,3 +217,13 @@ def test_saved_model_loads_and_mismatched_tokenizer_is_refused(
     gpt2.tokenizer.save_pretrained(other)
     with pytest.raises(ConfigError, match="tokens but the model's vocabulary has 100"):
         load_language_model(other)
+
+
+def test_second_block_full_is_said_up_front(gpt2: LanguageModel) -> None:
+    """Few distinct tokens (the first block copes) but B x length above the width."""
+    words = ["red", "blue", "green"]
+    draw = torch.randint(3, (6, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    sentences = [" ".join(words[w] for w in row) for row in draw]
+    result = SpanAttack()(observe_batch(gpt2, encode_batch(gpt2, sentences)), eos=2)
+    assert not result.applicable and "second block" in result.reason
+    assert result.rank < 44 and len(result.candidates) == 13

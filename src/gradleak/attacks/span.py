@@ -22,7 +22,10 @@ Rules (measured in the README):
   ``rank_tolerance`` times the largest.  When it reaches ``width -
   rank_margin`` the span holds (nearly) every vector and says nothing: the
   attack says so up front (``applicable=False``) instead of guessing.  The
-  capacity is the batch's distinct (token, position) inputs, about B x length.
+  first block must hold the batch's distinct inputs (for learned positions
+  added to the tokens, about distinct tokens + positions); a decoder's second
+  block must hold every visible position (B x length), since each depends on
+  its whole prefix.
 - Threshold: a unit vector ``v`` lies in the span when ``||v - R R^T v||`` is
   below ``layer1_threshold`` (first block) or ``layer2_threshold`` (second).
 - LoRA: only the adapters' gradients are shared.  The gradient of an adapter's
@@ -31,8 +34,10 @@ Rules (measured in the README):
   (capacity r instead of the width); a fresh adapter (``B = 0``) gives ``A`` a
   zero gradient.
 - FedAvg: an update of K local steps is ``-lr`` times a sum of gradients at
-  slightly moved weights; its span is the inputs' span only approximately,
-  which the looser ``update`` thresholds absorb.
+  slightly moved weights, sent back in float32; its span is the inputs' span
+  only approximately, which the ``update`` tolerances absorb while the
+  learning rate is moderate (1e-3 on the models here: at 1e-4 the float32
+  difference of the weights is too coarse, at 1e-2 the inputs drift too far).
 
 What is not recovered: a decoder's last token (``</s>`` here) enters no loss
 and no later position, so it is invisible; the attack appends ``eos``.  A
@@ -92,12 +97,12 @@ class SpanConfig:
         chunk: Vocabulary rows checked at once (memory).
     """
 
-    rank_tolerance: float = 1e-5
+    rank_tolerance: float = 1e-7
     rank_margin: int = 20
     layer1_threshold: float = 1e-3
     layer2_threshold: float = 1e-3
     update_scale: float = 30.0
-    update_rank_tolerance: float = 1e-3
+    update_rank_tolerance: float = 1e-4
     max_prefixes: int = 4096
     chunk: int = 8192
 
@@ -283,7 +288,20 @@ class _Run:
             single = all(len(c) == 1 for c in candidates) and candidates
             sequences = (tuple(c[0] for c in candidates),) if single else ()
             return SpanReconstruction(sequences, candidates, rank, self.width)
-        _, null2, _ = span_basis(self._projection_matrices(1), rank_tolerance=self.rank_tolerance)
+        second = self._projection_matrices(1)
+        _, null2, rank2 = span_basis(second, rank_tolerance=self.rank_tolerance)
+        if rank2 >= self.width - config.rank_margin:
+            # Every visible position has its own second-block input (it depends on the
+            # whole prefix): B x length must stay below the width, not just the tokens.
+            reason = (
+                f"the second block's gradient has rank {rank2} of width {self.width}: the "
+                "batch's B x length visible positions exceed what its span can hold, so "
+                "prefixes cannot be checked (use fewer or shorter sequences)"
+            )
+            log.warning("span attack not applicable: %s", reason)
+            return SpanReconstruction(
+                (), candidates, rank, self.width, applicable=False, reason=reason
+            )
         sequences = self._extend(candidates, null2.to(self.dtype))
         return SpanReconstruction(tuple(sequences), candidates, rank, self.width)
 

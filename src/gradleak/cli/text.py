@@ -101,7 +101,7 @@ def add(commands: argparse._SubParsersAction) -> None:
     )
     figure.add_argument("--lora-rank", type=non_negative_int, default=0, help="dager: LoRA rank")
     figure.add_argument(
-        "--tag-max-batch", type=positive_int, default=4, help="dager: TAG up to this B (4)"
+        "--tag-max-batch", type=positive_int, default=1, help="dager: TAG up to this B (1)"
     )
     figure.add_argument("--local-steps", type=positive_int, default=1, help="dager: SGD steps")
     figure.add_argument("--seed", type=non_negative_int, default=0, help="run seed (0)")

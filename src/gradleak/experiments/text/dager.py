@@ -75,7 +75,7 @@ class DagerTableRun:
     lora_rank: int = 0
     local_steps: int = 1
     tag_iterations: int = 200
-    tag_max_batch: int = 4
+    tag_max_batch: int = 1
     seed: int = 0
     device: str = "auto"
     out: str = "runs/reproduce-text-dager"
