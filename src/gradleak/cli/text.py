@@ -201,10 +201,21 @@ def cmd_attack_batch(args: argparse.Namespace, console: Console, methods: tuple[
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    with console.status(
-        f"client step and {', '.join(methods)} attack on {len(sentences)} sentences"
-    ):
-        summary = run_batch_attack(run)
+    # The span attack is a few seconds without steps; TAG's Adam steps get a bar.
+    progress = loss_bar(console)
+    task = progress.add_task("TAG baseline", total=run.tag_iterations, loss="")
+
+    def on_step(step: int, loss: float) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        progress.update(task, completed=step, loss=f"{loss:.2e}")
+
+    try:
+        with console.status(f"client step and attack on {len(sentences)} sentences"):
+            summary = run_batch_attack(run, callback=on_step)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
     for method, row in summary["methods"].items():
         table = Table(title=f"gradleak attack-text --method {method}", show_header=True)
         table.add_column("#", justify="right")
