@@ -227,3 +227,19 @@ def test_second_block_full_is_said_up_front(gpt2: LanguageModel) -> None:
     result = SpanAttack()(observe_batch(gpt2, encode_batch(gpt2, sentences)), eos=2)
     assert not result.applicable and "second block" in result.reason
     assert result.rank < 44 and len(result.candidates) == 13
+
+
+def test_grouped_query_llama_recovered(llama: LanguageModel) -> None:
+    """LLaMA-class models with fewer key/value heads than query heads (GQA)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(llama.tokenizer), hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, intermediate_size=96,
+        max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config).eval()
+    gqa = LanguageModel(model=model, tokenizer=llama.tokenizer, name="gqa")
+    got, truth = _recovered(gqa, SENTENCES[1:3])
+    assert got == truth

@@ -198,7 +198,11 @@ def span_basis(
 def span_distance(vectors: torch.Tensor, complement: torch.Tensor) -> torch.Tensor:
     """Relative distance of each row of `vectors` to the span: ``||N^T v|| / ||v||``."""
     v = vectors.to(complement.dtype)
-    return (v @ complement).norm(dim=-1) / v.norm(dim=-1).clamp_min(1e-30)
+    norm = v.norm(dim=-1)
+    distance = (v @ complement).norm(dim=-1) / norm.clamp_min(1e-30)
+    # A zero vector (a padding row of zeros, after the norm) lies in every span and says
+    # nothing: it is never taken as an input.
+    return distance.masked_fill(norm <= 1e-12 * norm.max().clamp_min(1e-30), 1.0)
 
 
 class _Run:
