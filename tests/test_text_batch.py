@@ -103,6 +103,7 @@ def test_shipped_sentences_fit_the_span_of_gpt2_small_at_16(gpt2: LanguageModel)
         (["--model", "pickled", "--method", "span"], "holds pytorch_model.bin"),
         (["--model", "gpt2-tiny", "word " * 200], "takes at most 128"),
         (["--model", "gpt2-tiny", "--layers", "1"], "--layers must be 2 or more"),
+        (["--model", "gpt2-tiny", "--local-lr", "nan"], "--local-lr must be a positive number"),
     ],
 )
 def test_attack_text_batch_bad_input(

@@ -107,6 +107,8 @@ class BatchAttackRun:
         unknown = [m for m in self.methods if m not in METHODS[:2]]
         if unknown:
             raise ConfigError(f"unknown method '{unknown[0]}' for a batch: choose span or tag")
+        if not (self.local_lr > 0 and self.local_lr < float("inf")):
+            raise ConfigError(f"--local-lr must be a positive number, got {self.local_lr}")
         if self.lora_rank < 0 or self.local_steps < 1 or self.tag_iterations < 1:
             raise ConfigError("--lora-rank must be >= 0, --local-steps and --iterations >= 1")
 
