@@ -1,0 +1,74 @@
+"""The span attack (DAGER-class) on a GPT-2-small-shaped decoder: full, LoRA, local steps.
+
+Each setting runs `gradleak attack-text` in its own process (so that its peak resident
+memory is its own) on the first B of the package's sentences, and the table puts them side
+by side: share of sentences exact, attack seconds, the client's step, peak memory, the
+first block's gradient rank, and the attack's time against the full fine-tuning row.
+
+    .venv/bin/python bench/text_span.py                       # the settings below
+    .venv/bin/python bench/text_span.py --layers 2 --quick    # a fast look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SETTINGS = [
+    ("full, FedSGD", "gpt2-small", 16, []),
+    ("LoRA r=8, FedSGD", "gpt2-small", 16, ["--lora-rank", "8"]),
+    ("LoRA r=256, FedSGD", "gpt2-small", 16, ["--lora-rank", "256"]),
+    ("full, 3 local steps lr 1e-3", "gpt2-small", 16, ["--local-steps", "3", "--local-lr", "1e-3"]),
+    ("full, FedSGD", "gpt2-small", 64, []),
+    ("full, FedSGD", "llama-small", 8, []),
+    ("full, FedSGD", "bert-base", 1, []),
+]
+QUICK = [SETTINGS[0], SETTINGS[1], SETTINGS[2]]
+
+
+def run(model: str, batch: int, extra: list[str], layers: int | None) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "gradleak.cli", "attack-text", "--model", model,
+                   "--batch-size", str(batch), "--method", "span", "--no-fallback",
+                   "--device", "cpu", "--out", folder, *extra]  # fmt: skip
+        if layers is not None:
+            command += ["--layers", str(layers)]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
+        return json.loads((Path(folder) / "metrics.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=None, help="depth (the models' own)")
+    parser.add_argument("--quick", action="store_true", help="the first three settings only")
+    args = parser.parse_args()
+    rows = []
+    for label, model, batch, extra in QUICK if args.quick else SETTINGS:
+        metrics = run(model, batch, extra, args.layers)
+        span = metrics["methods"]["span"]
+        rows.append((label, metrics, span))
+        print(f"done: {model} B={batch} {label}", file=sys.stderr)
+    base = rows[0][2]["seconds"] or 1e-9
+    print("| model | width x layers | B | max tokens | setting | exact | attack s | x full | "
+          "client s | peak MB | rank / width | note |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, m, span in rows:
+        note = "" if span["applicable"] else "span full: not applicable"
+        print(
+            f"| {m['model']} | {m['width']} x {m['layers']} | {m['batch_size']} | "
+            f"{m['max_tokens']} | {label} | {100 * span['exact']:.0f}% | {span['seconds']:.1f} | "
+            f"{span['seconds'] / base:.2f}x | {m['client_seconds']:.1f} | {m['peak_rss_mb']:.0f} | "
+            f"{span['rank']} / {span['width']} | {note} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
