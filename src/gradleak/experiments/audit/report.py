@@ -143,6 +143,11 @@ def verdict(summary: Mapping[str, Any]) -> list[str]:
         rebuilt = sum(e.get("images_rebuilt") or 0 for e in entries)
         total = sum(e["num_examples"] or 0 for e in entries)
         refused = sum(1 for note in summary["notes"] if "ModelGuard refused" in note)
+        if not summary["entries"] and not refused:
+            lines.append(
+                "- **Nothing reached the server**: no client reply was recorded (under SecAgg+ "
+                "a round aborts when its clients refuse the weights, as ModelGuard does)."
+            )
         lines.append(
             "- **A DISHONEST SERVER**: this run's server sent weights crafted to read the "
             f"clients' images back (binning on layer '{summary['malicious']['layer']}'): "

@@ -168,6 +168,11 @@ def _simulate(run: DemoRun, ray_temp: str, callback: ProgressCallback | None) ->
         },
     )
     seconds = time.perf_counter() - started
+    if rounds != run.rounds and run.guard and run.secagg:
+        # The clients' ModelGuard refused the crafted weights: SecAgg+ cannot finish a round
+        # without them, so the server got nothing. That is the guard working, not a failure.
+        log.warning("SecAgg+ completed %d of %d rounds: the clients refused", rounds, run.rounds)
+        return seconds
     if rounds != run.rounds:
         raise ConfigError(
             f"the Flower simulation ended after {rounds} of {run.rounds} rounds; rerun with -v "
