@@ -193,3 +193,23 @@ def test_the_malicious_demo_reads_clients_back_unless_they_guard(
     else:
         rebuilt = sum(e["images_rebuilt"] for e in result.summary["entries"])
         assert rebuilt >= 32, rebuilt  # of 64
+
+
+def test_attack_threat_reads_a_batch_back_and_refuses_a_model_without_a_trap(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from gradleak.cli import main
+
+    out = tmp_path / "threat"
+    code = main(["attack", "--threat", "trap", "--model", "mlp", "--dataset", "mnist",
+                 "--data-dir", str(data_root), "--batch-size", "16", "--clients", "4",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    row = json.loads((out / "metrics.json").read_text())
+    assert row["images"] == 64 and row["exact"] >= 32 and row["clients"] == 4
+    assert (out / "reconstruction.png").is_file()
+    with pytest.raises(SystemExit) as exit_:
+        main(["attack", "--threat", "trap", "--model", "lenet", "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2 and "starts with Conv2d" in capsys.readouterr().err

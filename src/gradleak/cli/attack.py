@@ -126,10 +126,25 @@ def add(commands: argparse._SubParsersAction) -> None:
     attack.add_argument(
         "--num-classes", type=positive_int, default=None, help="label space (LFW: 5749)"
     )
+    threat = attack.add_argument_group("a dishonest server")
+    threat.add_argument(
+        "--threat",
+        default="honest",
+        choices=("honest", "binning", "trap"),
+        help="honest (default: the server attacks what it gets) or binning/trap: it crafts "
+        "the weights it sends (first Linear layer; use --model mlp) and reads the batch back",
+    )
+    threat.add_argument(
+        "--clients", type=positive_int, default=1, help="with --threat: batches summed (SecAgg)"
+    )
+    threat.add_argument("--bins", type=positive_int, default=None, help="trap units (all)")
     attack.set_defaults(handler=cmd_attack)
 
 
 def cmd_attack(args: argparse.Namespace, console: Console) -> None:
+    if args.threat != "honest":
+        _cmd_malicious(args, console)
+        return
     from gradleak.experiments.attack import AttackRun, run_attack
 
     run = AttackRun(
@@ -220,3 +235,23 @@ def summary_table(row: dict) -> Table:
     table.add_row("restarts", str(row["restarts"]))
     table.add_row("time", f"{row['seconds']:.1f} s on {row['device']}")
     return table
+
+
+def _cmd_malicious(args: argparse.Namespace, console: Console) -> None:
+    from gradleak.experiments.malicious import MaliciousRun, run_malicious
+
+    row = run_malicious(
+        MaliciousRun(
+            threat=args.threat, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
+            batch_size=args.batch_size or 64, clients=args.clients, index=args.index,
+            bins=args.bins, width=args.width, model_args=tuple(args.model_arg or ()),
+            normalize=args.normalize, seed=args.seed, out=args.out,
+        )
+    )  # fmt: skip
+    source = f"the aggregate of {row['clients']} clients" if row["clients"] > 1 else "the gradient"
+    console.print(
+        f"dishonest server ({row['threat']}, {row['bins']} bins): {row['exact']} of "
+        f"{row['images']} images read back exactly (MSE < 1e-4) from {source} "
+        f"in {row['seconds']:.1f} s"
+    )
+    console.print(f"wrote {args.out}/metrics.json and {args.out}/reconstruction.png")
