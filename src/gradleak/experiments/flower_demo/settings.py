@@ -110,8 +110,6 @@ class DemoRun:
             raise ConfigError(
                 f"--malicious must be one of {', '.join(MALICIOUS)}, got {self.malicious!r}"
             )
-        if self.malicious != "none" and self.local_steps != 1:
-            raise ConfigError("--malicious decodes one-step updates: keep --local-steps 1")
         if self.cpus is not None and self.cpus < 1:
             raise ConfigError(f"--cpus must be 1 or more, got {self.cpus}")
 
