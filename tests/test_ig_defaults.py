@@ -74,8 +74,8 @@ def test_the_plateau_rule_ignores_nan_and_a_slow_tail_is_a_plateau() -> None:
 
 
 def test_an_attack_with_the_plateau_schedule_stops_before_its_cap() -> None:
-    # A converged objective: a linear model's gradient seen from an image already at the
-    # truth (the objective is 0 from the start), so the rule stops after its windows.
+    # A linear model's gradient: the cosine objective converges within a few windows
+    # (its tiny image is easy), so the rule stops the run long before its cap.
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     x = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     observation = observe(model, x, torch.tensor([1]))
@@ -228,3 +228,39 @@ def test_attack_presets_forced_counts_and_the_psnr_shown(tmp_path: Path) -> None
     assert [step for step, _ in shown] == [25]
     assert row["iterations"] == 25 and row["config"]["schedule"] == "step"
     assert "psnr_affine_corrected" in row and row["psnr_affine_corrected"] >= row["psnr"] - 1e-9
+
+
+def test_the_batchnorm_prior_beats_the_papers_attack_in_train_mode_at_equal_steps(
+    trained: tuple[nn.Module, ImageDataset],
+) -> None:
+    # Train mode hides each input channel's scale and shift; the paper's attack lets
+    # them drift, the first layer's running statistics pin them.  Measured at 150
+    # steps: images 0 and 1 at 18.8 and 16.9 dB without the prior, 28.7 and 22.5 with.
+    model, mnist = trained
+    for index in (0, 1):
+        plain, _ = _psnr_of(model, mnist, IGConfig.paper(iterations=150), index, "train")
+        pinned, _ = _psnr_of(
+            model, mnist, IGConfig.paper(iterations=150, bn_prior=0.1), index, "train"
+        )
+        assert pinned > plain + 2.0, (index, plain, pinned)
+    # In eval mode the gradient sees scale and shift, and the prior is not used.
+    eval_plain, _ = _psnr_of(model, mnist, IGConfig.paper(iterations=20), 0, "eval")
+    eval_pinned, _ = _psnr_of(model, mnist, IGConfig.paper(iterations=20, bn_prior=0.1), 0, "eval")
+    assert eval_pinned == eval_plain
+
+
+def test_the_plateau_schedule_beats_the_papers_step_schedule_at_equal_steps(
+    trained: tuple[nn.Module, ImageDataset],
+) -> None:
+    # The paper's schedule cuts the step size at 3/8 of the steps whatever the
+    # objective does; the plateau rule keeps the large step while it still descends.
+    # Measured at 150 steps in eval mode: images 0, 1, 3 at 18.3, 15.4, 14.0 dB on the
+    # step schedule, 23.1, 16.4, 14.9 on the plateau rule (window 25, no stop before 150).
+    model, mnist = trained
+    gains = []
+    for index in (0, 1, 3):
+        step, _ = _psnr_of(model, mnist, IGConfig.paper(iterations=150), index, "eval")
+        plateau, steps = _psnr_of(model, mnist, IGConfig(iterations=150, window=25), index, "eval")
+        assert steps == 150
+        gains.append(plateau - step)
+    assert min(gains) > 0 and sum(gains) / len(gains) > 1.0, gains
