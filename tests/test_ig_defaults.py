@@ -264,3 +264,24 @@ def test_the_plateau_schedule_beats_the_papers_step_schedule_at_equal_steps(
         assert steps == 150
         gains.append(plateau - step)
     assert min(gains) > 0 and sum(gains) / len(gains) > 1.0, gains
+
+
+def test_the_feature_prior_beats_no_prior_on_a_batch_in_eval_mode_at_equal_steps(
+    trained: tuple[nn.Module, ImageDataset],
+) -> None:
+    # GradInversion's prior: every BatchNorm layer's statistics on the dummy batch
+    # against the running ones the server sent.  Measured on MNIST images 0-7, labels
+    # given (to leave the label rule out), 150 steps: 9.4 dB without, 12.3 dB with.
+    from gradleak.metrics import match_reconstructions
+
+    model, mnist = trained
+    x = torch.stack([mnist[i][0] for i in range(8)])
+    y = torch.tensor([mnist[i][1] for i in range(8)])
+    observation = observe(model, x, y, batchnorm="eval")
+    scores = []
+    for weight in (0.0, 0.1):
+        config = IGConfig(iterations=150, window=25, feature_prior=weight)
+        result = InvertingGradients(config)(observation, seed=0, labels=y)
+        order, _ = match_reconstructions(result.inputs, x)
+        scores.append(psnr(result.inputs[order], x))
+    assert scores[1] > scores[0] + 1.0, scores

@@ -166,8 +166,8 @@ class IGConfig:
       the border differences to the means.
     * ``BN(x)`` is the distance of a BatchNorm layer's input statistics on
       the dummy batch to its running statistics (`ig_schedule`): the first
-      layer's in train mode (``bn_prior``), every layer's in either mode
-      (``feature_prior``).
+      layer's in train mode (``bn_prior``), every layer's in either mode for
+      a batch (``feature_prior``).
 
     Attributes:
         iterations: Optimiser steps per trial: the cap with the plateau
@@ -189,8 +189,10 @@ class IGConfig:
             statistics prior, which pins each input channel's scale and shift
             that train-mode BatchNorm hides from the gradient (0: none, the
             paper's).  In eval mode the gradient sees them and it is not used.
-        feature_prior: Weight of GradInversion's prior on every BatchNorm
-            layer's statistics, in either mode (0: none).
+        feature_prior: For batches of 2 or more only: weight of GradInversion's
+            prior on every BatchNorm layer's statistics, in either mode (0:
+            none).  One image's statistics are a poor sample of the data's,
+            and on one image it did not help (README).
         restarts: Fresh random starts after the first; the trial with the
             lowest final matching loss (the cosine distance alone, without the
             prior) is kept.  breaching's configuration runs one trial
@@ -222,7 +224,7 @@ class IGConfig:
     plateau_rtol: float = 0.01
     decays: int = 2
     bn_prior: float = 0.1
-    feature_prior: float = 0.0
+    feature_prior: float = 0.1
     restarts: int = 0
     init: str = "randn"
     signed: bool = True
@@ -627,7 +629,9 @@ class InvertingGradients:
             generator = torch.Generator().manual_seed(int(seed))
             shape = (count, *observation.input_shape)
             run = _Run()
-            statistics = _priors(replica, config, train=observation.batchnorm == "train")
+            statistics = _priors(
+                replica, config, train=observation.batchnorm == "train", batch=count
+            )
             best: tuple[float, torch.Tensor, tuple[Snapshot, ...]] | None = None
             try:
                 for trial in range(config.restarts + 1):
@@ -740,7 +744,7 @@ def _trial(
 
 
 def _priors(
-    replica: _Replica, config: IGConfig, *, train: bool
+    replica: _Replica, config: IGConfig, *, train: bool, batch: int
 ) -> list[tuple[BatchNormStatistics, float]]:
     """The BatchNorm-statistics priors this config asks for in this mode, with their weights."""
     priors = []
@@ -748,7 +752,7 @@ def _priors(
         priors.append(
             (BatchNormStatistics(replica.module, replica.buffers, "first"), config.bn_prior)
         )
-    if config.feature_prior > 0:
+    if batch > 1 and config.feature_prior > 0:
         priors.append(
             (BatchNormStatistics(replica.module, replica.buffers, "all"), config.feature_prior)
         )

@@ -100,7 +100,10 @@ def attack_victims(
     first = observations[0]
     _check_alike(observations)
     config = attack.config
-    priors = config.feature_prior > 0 or (config.bn_prior > 0 and first.batchnorm == "train")
+    batch = first.num_examples if isinstance(first, UpdateObservation) else first.batch_size
+    priors = (config.feature_prior > 0 and batch > 1) or (
+        config.bn_prior > 0 and first.batchnorm == "train"
+    )
     if config.schedule != "step" or priors or not config.signed:
         raise ConfigError(
             "the batched engine runs the paper's schedule only (signed Adam, a fixed step "
