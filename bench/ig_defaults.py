@@ -9,7 +9,8 @@ image as rebuilt), median SSIM, median steps and seconds per attack.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/ig_defaults.py --weights W --victims 8
 
-``--candidates`` picks among CANDIDATES by name (comma-separated).
+``--candidates`` picks among CANDIDATES by name (comma-separated), ``--first``
+skips victims before it (to rerun a few).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ CANDIDATES = {
     "paper+midgray": IGConfig.paper(iterations=FIXED, init="midgray"),
     "plateau": IGConfig(iterations=FIXED, bn_prior=0.0),
     "default": IGConfig(),
+    "default-window-100": IGConfig(window=100),
 }
 
 
@@ -57,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", required=True)
     parser.add_argument("--victims", type=int, default=8)
+    parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--modes", default="train,eval")
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
     parser.add_argument("--jsonl", default=None, help="append one line per attack here")
@@ -72,6 +75,8 @@ def main() -> None:
             attack = InvertingGradients(config)
             rows = []
             for v, (image, label) in enumerate(chosen):
+                if v < args.first:
+                    continue
                 observation = observe(model, image[None], torch.tensor([label]), batchnorm=mode)
                 start = time.perf_counter()
                 result = attack(observation, seed=v)
