@@ -5,7 +5,10 @@ making the *direction* of the dummy batch's gradient match the shared one: it
 minimises one minus the cosine similarity of the two (every layer's gradient
 flattened into one vector) plus a total-variation prior on the images, with
 Adam on the sign of the objective's gradient, a step-decayed step size and the
-pixels projected back into [0, 1] after every step.
+pixels projected back into [0, 1] after every step.  That is `IGConfig.paper()`;
+gradleak's default (`IGConfig()`) stops at a plateau of the objective and adds
+BatchNorm-statistics priors (`ig_schedule.py`; README, "Inverting Gradients'
+defaults").
 
 Two threat models, one optimiser:
 
