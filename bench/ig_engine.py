@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from gradleak import build_model, observe, observe_update
-from gradleak.attacks import InvertingGradients
+from gradleak.attacks import IGConfig, InvertingGradients
 from gradleak.attacks.inverting_engine import attack_victims
 from gradleak.data import load_dataset
 
@@ -74,7 +74,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    attack = InvertingGradients(iterations=args.iterations, snapshot_every=args.iterations)
+    attack = InvertingGradients(
+        IGConfig.paper(iterations=args.iterations, snapshot_every=args.iterations)
+    )
     per = args.victims * args.iterations
     print(f"{args.victims} victims, {args.iterations} iterations, median of {args.repeats}, "
           "ms per victim and iteration, one thread")  # fmt: skip

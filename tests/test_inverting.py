@@ -115,9 +115,10 @@ def test_total_variation_is_the_mean_of_dx_plus_the_mean_of_dy() -> None:
     assert float(total_variation(torch.full((1, 1, 3, 3), 0.5))) == 0.0
 
 
-def test_the_default_config_is_the_papers() -> None:
-    config = IGConfig()
+def test_the_paper_preset_is_the_papers() -> None:
+    config = IGConfig.paper()
     assert (config.iterations, config.lr, config.tv_scale) == (24_000, 0.1, 0.2)
+    assert (config.schedule, config.bn_prior, config.signed) == ("step", 0.0, True)
     assert (config.init, config.labels, config.dtype, config.restarts) == (
         "randn",
         "infer",
@@ -125,7 +126,8 @@ def test_the_default_config_is_the_papers() -> None:
         0,
     )
     assert config.milestones == (9_000, 15_000, 21_000)
-    assert IGConfig(iterations=8).milestones == (3, 5, 7)
+    assert IGConfig.paper(iterations=8).milestones == (3, 5, 7)
+    assert IGConfig().milestones == ()  # the plateau rule cuts the step size instead
     with pytest.raises(ConfigError):
         IGConfig(init="zeros")
     with pytest.raises(ConfigError):
@@ -267,7 +269,9 @@ def test_update_label_rule_is_exact_on_distinct_labels(mnist: ImageDataset) -> N
 def test_ig_rebuilds_an_mnist_digit_from_a_relu_nets_fedsgd_gradient(mnist: ImageDataset) -> None:
     x, y = images(mnist, [0])
     observation = observe(relu_net(), x, y)
-    result = InvertingGradients(iterations=200, snapshot_every=50)(observation, seed=0)
+    result = InvertingGradients(IGConfig.paper(iterations=200, snapshot_every=50))(
+        observation, seed=0
+    )
     assert result.labels.tolist() == y.tolist()  # inferred by iDLG's rule
     assert result.inputs.shape == x.shape
     assert float(result.inputs.min()) >= 0 and float(result.inputs.max()) <= 1  # boxed
@@ -283,7 +287,7 @@ def test_ig_rebuilds_a_fedavg_clients_four_digits_with_inferred_labels(
 ) -> None:
     x, y = images(mnist, [0, 1, 2, 3])
     observation = observe_update(relu_net(), x, y, local_lr=0.01, epochs=2, local_batch=2, seed=1)
-    result = InvertingGradients(iterations=200)(observation, seed=0)
+    result = InvertingGradients(IGConfig.paper(iterations=200))(observation, seed=0)
     assert result.labels.tolist() == sorted(y.tolist())
     order, _ = match_reconstructions(result.inputs, x)
     # Measured 24.8 dB mean, 23.5 to 27.3 per image (200 steps).
@@ -299,7 +303,7 @@ def test_the_attack_steps_as_a_plain_signed_adam_loop_on_the_objective(
     x_true, y = images(mnist, [7, 8])
     model = relu_net(seed=2)
     observation = observe(model, x_true, y)
-    result = InvertingGradients(iterations=8, tv_scale=0.5)(observation, seed=11)
+    result = InvertingGradients(IGConfig.paper(iterations=8, tv_scale=0.5))(observation, seed=11)
 
     x = torch.randn((2, 1, 28, 28), generator=torch.Generator().manual_seed(11))
     x.requires_grad_(True)
@@ -325,7 +329,7 @@ def test_the_attack_steps_as_a_plain_signed_adam_loop_on_the_objective(
 def test_equal_seeds_give_equal_results_and_labels_can_be_given(mnist: ImageDataset) -> None:
     x, y = images(mnist, [5, 6])
     observation = observe(relu_net(), x, y)
-    attack = InvertingGradients(iterations=15, restarts=1)
+    attack = InvertingGradients(IGConfig.paper(iterations=15, restarts=1))
     calls: list[tuple[int, float]] = []
     first = attack(observation, seed=3, callback=lambda step, loss: calls.append((step, loss)))
     assert [step for step, _ in calls] == list(range(30))

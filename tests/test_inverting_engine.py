@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gradleak import observe, observe_update
-from gradleak.attacks import InvertingGradients
+from gradleak.attacks import IGConfig, InvertingGradients
 from gradleak.attacks.inverting_engine import attack_victims
 from gradleak.data import load_dataset
 from gradleak.data.dataset import ImageDataset
@@ -71,7 +71,9 @@ def test_each_victim_follows_the_sequential_attack(
         model = relu_bn_net(0 if weights == "shared" else v)
         x, y = batch(mnist, 10 * v, size)
         observations.append(shared_of(kind, model, x, y, mode))
-    attack = InvertingGradients(iterations=4, dtype="float64", snapshot_every=2, restarts=1)
+    attack = InvertingGradients(
+        IGConfig.paper(iterations=4, dtype="float64", snapshot_every=2, restarts=1)
+    )
     seeds = [11, 12, 13]
     batched = attack_victims(attack, observations, seeds=seeds)
     for observation, seed, got in zip(observations, seeds, batched, strict=True):
@@ -91,7 +93,7 @@ def test_known_labels_and_a_mix_of_settings(mnist: ImageDataset) -> None:
     x, y = batch(mnist, 0, 2)
     a = observe(relu_bn_net(0), x, y)
     b = observe(relu_bn_net(0), x[:1], y[:1])
-    attack = InvertingGradients(iterations=2, dtype="float64")
+    attack = InvertingGradients(IGConfig.paper(iterations=2, dtype="float64"))
     with pytest.raises(ConfigError, match="victim 1 differs"):
         attack_victims(attack, [a, b], seeds=[0, 1])
     wrong = torch.tensor([(int(y[0]) + 1) % 10, int(y[1])])

@@ -107,3 +107,26 @@ def _valid(x: torch.Tensor) -> torch.Tensor:
     # A diverged reconstruction holds NaN/inf; as a picture that is noise, not an error.
     x = x.detach().double().cpu()
     return torch.nan_to_num(x, nan=0.5, posinf=1.0, neginf=0.0)
+
+
+def psnr_affine_corrected(reconstruction: torch.Tensor, original: torch.Tensor) -> float:
+    """PSNR after the best per-channel scale and shift of the reconstruction (fitted to the truth).
+
+    Not PSNR: it uses the truth to undo what train-mode BatchNorm hides (each
+    input channel's scale and shift), so it says how good the shapes are,
+    never how good the picture an attacker holds is.  ``(C, H, W)`` or
+    ``(N, C, H, W)``: fitted per image and channel by least squares, then
+    clamped to [0, 1].
+    """
+    rec = _valid(reconstruction).clamp(0, 1)
+    ref = original.detach().double().cpu()
+    flat_rec = rec.reshape(-1, rec.shape[-2] * rec.shape[-1])
+    flat_ref = ref.reshape(flat_rec.shape)
+    mean_rec = flat_rec.mean(1, keepdim=True)
+    mean_ref = flat_ref.mean(1, keepdim=True)
+    centred = flat_rec - mean_rec
+    var = (centred**2).sum(1, keepdim=True)
+    scale = torch.where(var > 0, (centred * (flat_ref - mean_ref)).sum(1, keepdim=True) / var, 0.0)
+    fitted = (mean_ref + scale * centred).clamp(0, 1)
+    error = float(((fitted - flat_ref) ** 2).mean())
+    return math.inf if error == 0 else 10.0 * math.log10(1.0 / error)

@@ -107,6 +107,16 @@ def attack_victims(
     first = observations[0]
     _check_alike(observations)
     config = attack.config
+    batch = first.num_examples if isinstance(first, UpdateObservation) else first.batch_size
+    priors = (config.feature_prior > 0 and batch > 1) or (
+        config.bn_prior > 0 and first.batchnorm == "train"
+    )
+    if config.schedule != "step" or priors or not config.signed:
+        raise ConfigError(
+            "the batched engine runs the paper's schedule only (signed Adam, a fixed step "
+            "count, no BatchNorm prior): configure schedule='step', bn_prior=0, signed=True "
+            "(IGConfig.paper), or attack the victims one by one"
+        )
     device, dtype = first.device, config.torch_dtype
     update = isinstance(first, UpdateObservation)
     count = first.num_examples if update else first.batch_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from gradleak.cli.common import (
@@ -13,9 +14,9 @@ from gradleak.cli.common import (
     client_optimizer,
     finish_loss_bar,
     index_list,
-    loss_bar,
     non_negative_int,
     positive_int,
+    progress_bar,
 )
 
 
@@ -100,7 +101,14 @@ def add(commands: argparse._SubParsersAction) -> None:
         "--iterations",
         type=positive_int,
         default=None,
-        help="optimiser steps (dlg/idlg: 300 L-BFGS steps; ig: 24,000 Adam steps, the paper's)",
+        help="optimiser steps (dlg/idlg: 300 L-BFGS steps; ig: stops at a plateau of its "
+        "objective, at most 1,000 steps, unless this forces a count)",
+    )
+    attack.add_argument(
+        "--preset",
+        default="default",
+        help="ig: default (gradleak's: plateau stop, BatchNorm-statistics prior; README) or "
+        "paper (the published attack: 24,000 signed Adam steps with step decay, no other prior)",
     )
     attack.add_argument(
         "--tv-scale",
@@ -166,6 +174,7 @@ def cmd_attack(args: argparse.Namespace, console: Console) -> None:
         labels=args.labels,
         batchnorm=args.batchnorm,
         tv_scale=args.tv_scale,
+        preset=args.preset,
         num_classes=args.num_classes,
         batch_size=args.batch_size,
         indices=args.indices,
@@ -174,13 +183,13 @@ def cmd_attack(args: argparse.Namespace, console: Console) -> None:
         normalize=args.normalize,
         optimizer=client_optimizer(args),
     )
-    progress = loss_bar(console)
+    progress = psnr_bar(console)
     bar: dict[str, int] = {}  # the task and its total, once the attack is known
 
     def on_start(method: str, total: int, reason: str) -> None:
         if reason:
             console.print(f"--method auto: {reason}")
-        bar["task"] = progress.add_task(f"{method} attack", total=total, loss="")
+        bar["task"] = progress.add_task(f"{method} attack", total=total, loss="", psnr="")
         bar["total"] = total
 
     def on_step(step: int, loss: float) -> None:
@@ -190,14 +199,23 @@ def cmd_attack(args: argparse.Namespace, console: Console) -> None:
             progress.start()
         progress.update(bar["task"], completed=min(step + 1, bar["total"]), loss=f"{loss:.2e}")
 
+    def on_psnr(step: int, value: float) -> None:
+        if progress.live.is_started:
+            progress.update(bar["task"], psnr=f"  PSNR {value:.1f} dB")
+
     try:
-        row = run_attack(run, callback=on_step, on_start=on_start)
+        row = run_attack(run, callback=on_step, on_start=on_start, on_psnr=on_psnr)
         finish_loss_bar(progress, bar["task"], row["iterations"], row["matching_loss"])
     finally:
         if progress.live.is_started:
             progress.stop()
     console.print(summary_table(row))
     console.print(f"wrote {run.out}/metrics.json and {run.out}/reconstruction.png")
+
+
+def psnr_bar(console: Console) -> Progress:
+    """The loss bar with room for the dummies' PSNR (filled in by Inverting Gradients only)."""
+    return progress_bar(console, "loss {task.fields[loss]}{task.fields[psnr]}")
 
 
 def summary_table(row: dict) -> Table:
@@ -229,6 +247,10 @@ def summary_table(row: dict) -> Table:
         per_image = " ".join(fmt(m, ".1e") for m in row["per_image_mse"])
         table.add_row("MSE (mean; per image)", f"{fmt(row['mse'], '.3e')}; {per_image}")
     table.add_row("PSNR (dB)", fmt(row["psnr"], ".1f"))
+    if row.get("method") == "ig" and row.get("psnr_affine_corrected") is not None:
+        table.add_row(
+            "PSNR after the truth's scale/shift (dB)", fmt(row["psnr_affine_corrected"], ".1f")
+        )
     table.add_row("SSIM", fmt(row["ssim"], ".3f"))
     table.add_row("matching loss", fmt(row["matching_loss"], ".2e"))
     table.add_row("steps / evaluations", f"{row['iterations']} / {row['evaluations']}")

@@ -41,6 +41,10 @@ from gradleak.types import ClientOptimizer, Observation, Reconstruction, UpdateO
 log = logging.getLogger(__name__)
 
 METHODS = ("idlg", "dlg", "ig", "auto")
+IG_PRESETS = ("default", "paper")
+
+# on_psnr(step, psnr): the dummies' PSNR against the truth, now and then (IG only).
+PsnrCallback = Callable[[int, float], None]
 
 # on_start(method, planned steps, reason): the attack picked, as it starts.
 StartCallback = Callable[[str, int, str], None]
@@ -80,6 +84,7 @@ class AttackRun:
     input_shape: tuple[int, int, int] | None = None
     normalize: str | None = None
     optimizer: ClientOptimizer = field(default_factory=ClientOptimizer)
+    preset: str = "default"  # IG: gradleak's defaults, or "paper" (the published settings)
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -96,6 +101,10 @@ class AttackRun:
             raise ConfigError(f"--tv-scale must be a number of 0 or more, got {self.tv_scale:g}")
         if self.tv_scale is not None and self.method in ("dlg", "idlg"):
             raise ConfigError("--tv-scale is Inverting Gradients' prior: use it with --method ig")
+        if self.preset not in IG_PRESETS:
+            raise ConfigError(f"unknown --preset '{self.preset}': choose {' or '.join(IG_PRESETS)}")
+        if self.preset != "default" and self.method in ("dlg", "idlg"):
+            raise ConfigError("--preset chooses Inverting Gradients' settings: use --method ig")
 
     def fedsgd(self, batch_size: int) -> bool:
         """Whether the client shares one gradient (one local step on its whole batch)."""
@@ -107,6 +116,7 @@ def run_attack(
     *,
     callback: StepCallback | None = None,
     on_start: StartCallback | None = None,
+    on_psnr: PsnrCallback | None = None,
 ) -> dict[str, Any]:
     """Simulate the victim, attack its gradient, write metrics.json and the strip.
 
@@ -115,6 +125,8 @@ def run_attack(
         callback: Called after every optimiser step with ``(step, loss)``.
         on_start: Called once the attack is picked, before its first step,
             with the method, its planned steps and why it was picked.
+        on_psnr: Inverting Gradients only: called every few steps with the
+            PSNR of the dummies against the victims (the truth is known here).
 
     Returns:
         The metrics written to ``<out>/metrics.json``.
@@ -201,7 +213,8 @@ def run_attack(
             "--labels known is for --method ig; iDLG reads the labels, DLG learns them"
         )
     if isinstance(attack, InvertingGradients):
-        result = attack(observation, seed=attack_seed, labels=known, callback=callback)
+        watched = _PsnrWatch(callback, on_psnr, images) if on_psnr is not None else callback
+        result = attack(observation, seed=attack_seed, labels=known, callback=watched)
     else:
         result = attack(observation, seed=attack_seed, callback=callback)
     seconds = time.perf_counter() - start
@@ -242,6 +255,10 @@ def run_attack(
         "per_image_psnr": [finite_or_none(v) for v in per_image_psnr],
         "per_image_ssim": [finite_or_none(v) for v in per_image_ssim],
         "psnr": finite_or_none(_mean(per_image_psnr)),
+        # Not PSNR: the truth fixes each channel's scale and shift first (BatchNorm hides them).
+        "psnr_affine_corrected": finite_or_none(
+            _mean(metrics.psnr_affine_corrected(r, o) for r, o in pairs)
+        ),
         "ssim": finite_or_none(metrics.ssim(recovered, images)),
         "matching_loss": finite_or_none(result.final_loss),
         "converged": result.converged,
@@ -288,12 +305,38 @@ def _build_attack(run: AttackRun) -> GradientInversion | InvertingGradients | No
 
 
 def _ig_config(run: AttackRun) -> IGConfig:
-    """IG's config: its own steps (the paper's 24,000) unless given, about 8 frames on the strip."""
-    default = IGConfig()
-    iterations = default.iterations if run.iterations is None else run.iterations
-    tv_scale = default.tv_scale if run.tv_scale is None else run.tv_scale
-    frames = max(1, iterations // 8)
-    return IGConfig(iterations=iterations, tv_scale=tv_scale, snapshot_every=frames)
+    """IG's config from its preset; ``--iterations`` forces that many steps (no plateau stop).
+
+    About 8 frames on the strip (of the step cap: a run the plateau rule stops
+    early shows fewer).
+    """
+    config = IGConfig.paper() if run.preset == "paper" else IGConfig()
+    if run.iterations is not None:
+        config = replace(config, iterations=run.iterations, schedule="step")
+    if run.tv_scale is not None:
+        config = replace(config, tv_scale=run.tv_scale)
+    return replace(config, snapshot_every=max(1, config.iterations // 8))
+
+
+class _PsnrWatch:
+    """A step callback that also shows the dummies' PSNR (matched to the victims) now and then."""
+
+    def __init__(
+        self, callback: StepCallback | None, on_psnr: PsnrCallback, truth: torch.Tensor
+    ) -> None:
+        self._callback = callback
+        self._on_psnr = on_psnr
+        self._truth = truth
+
+    def __call__(self, step: int, loss: float) -> None:
+        if self._callback is not None:
+            self._callback(step, loss)
+
+    def on_inputs(self, step: int, x: torch.Tensor) -> None:
+        recovered = x.detach().cpu().to(self._truth.dtype)
+        order, _ = metrics.match_reconstructions(recovered, self._truth)
+        values = [metrics.psnr(recovered[j], self._truth[i]) for i, j in enumerate(order)]
+        self._on_psnr(step, _mean(values))
 
 
 def victim_indices(run: AttackRun, size: int, name: str) -> list[int]:

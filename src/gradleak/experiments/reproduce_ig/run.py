@@ -376,9 +376,9 @@ def make_victim(
 
 
 def build_attack(run: IGRun) -> InvertingGradients:
-    """The attack every cell runs: IG with `run.iterations` steps, labels inferred."""
+    """The attack every cell runs: the paper's IG cut to `run.iterations` steps, labels inferred."""
     return InvertingGradients(
-        IGConfig(
+        IGConfig.paper(
             iterations=run.iterations,
             tv_scale=run.tv_scale,
             labels="infer",
