@@ -15,21 +15,25 @@ from gradleak.cli import main
 from gradleak.cli.common import finish_loss_bar, loss_bar
 
 
-def _record_bars(monkeypatch: pytest.MonkeyPatch, module: object) -> list[Progress]:
+def _record_bars(
+    monkeypatch: pytest.MonkeyPatch, module: object, name: str = "loss_bar"
+) -> list[Progress]:
+    """Record the bars `module` makes with its function `name` (the real one, called)."""
     bars: list[Progress] = []
+    make = getattr(module, name)
 
     def recording(console: Console) -> Progress:
-        bars.append(loss_bar(console))
+        bars.append(make(console))
         return bars[-1]
 
-    monkeypatch.setattr(module, "loss_bar", recording)
+    monkeypatch.setattr(module, name, recording)
     return bars
 
 
 def test_attack_bar_ends_at_the_step_it_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bars = _record_bars(monkeypatch, gradleak.cli.attack)
+    bars = _record_bars(monkeypatch, gradleak.cli.attack, "psnr_bar")
     assert main(["attack", "--device", "cpu", "--out", str(tmp_path)]) == 0
     row = json.loads((tmp_path / "metrics.json").read_text())
     assert row["converged"] and row["iterations"] < 300  # stopped early
