@@ -195,18 +195,13 @@ def batch_labels(observation: Observation) -> torch.Tensor:
             space that does not match it.
     """
     model = observation.model
-    weight_name, bias_name = last_linear_layer(model)
-    if bias_name is None:
-        raise AttackNotApplicable(
-            "the batch label rule reads the last Linear layer's bias gradient and this "
-            "model's has no bias; use --method dlg, which learns the labels"
-        )
-    weight_gradient = observation.gradient(weight_name)
-    if weight_gradient.shape[0] != observation.num_classes:
-        raise AttackNotApplicable(
-            f"the last Linear layer has {weight_gradient.shape[0]} outputs, not the "
-            f"{observation.num_classes} classes; the batch label rule does not apply"
-        )
+    weight_name, bias_name, weight_gradient = _class_layer(
+        observation,
+        observation.parameter_names,
+        "the batch label rule",
+        "the batch label rule reads the last Linear layer's bias gradient and this "
+        "model's has no bias; use --method dlg, which learns the labels",
+    )
     counts = batch_label_counts_from_gradients(
         weight_gradient,
         observation.gradient(bias_name),
@@ -297,18 +292,13 @@ def update_label_counts(observation: UpdateObservation) -> torch.Tensor:
     """
     pseudo = update_as_gradient(observation)
     n = observation.num_examples
-    weight_name, bias_name = last_linear_layer(observation.model)
-    if bias_name is None or bias_name not in observation.parameter_names:
-        raise AttackNotApplicable(
-            "the label-count rule reads the update of the last Linear layer's bias and this "
-            "model's has none (or it is frozen); the labels cannot be read"
-        )
-    weight_gradient = pseudo.gradient(weight_name)
-    if weight_gradient.shape[0] != observation.num_classes:
-        raise AttackNotApplicable(
-            f"the last Linear layer has {weight_gradient.shape[0]} outputs, not the "
-            f"{observation.num_classes} classes; the label-count rule does not apply"
-        )
+    weight_name, bias_name, weight_gradient = _class_layer(
+        pseudo,
+        observation.parameter_names,
+        "the label-count rule",
+        "the label-count rule reads the update of the last Linear layer's bias and this "
+        "model's has none (or it is frozen); the labels cannot be read",
+    )
     bias_gradient = pseudo.gradient(bias_name).double()
     if observation.optimizer.kind != "sgd":
         present = bias_gradient < 0
@@ -330,3 +320,24 @@ def update_label_counts(observation: UpdateObservation) -> torch.Tensor:
         bias_gradient = bias_gradient.clone()
         bias_gradient[order[n:]] = bias_gradient[order[n:]].clamp_min(1e-30)
     return batch_label_counts_from_gradients(weight_gradient, bias_gradient, weight, bias, n)
+
+
+def _class_layer(
+    observation: Observation, trainable: tuple[str, ...], rule: str, no_bias: str
+) -> tuple[str, str, torch.Tensor]:
+    """The last Linear layer's weight and bias names and its weight gradient, checked.
+
+    Raises:
+        AttackNotApplicable: No trainable bias (`no_bias` says so), or outputs that are
+            not the classes.
+    """
+    weight_name, bias_name = last_linear_layer(observation.model)
+    if bias_name is None or bias_name not in trainable:
+        raise AttackNotApplicable(no_bias)
+    weight_gradient = observation.gradient(weight_name)
+    if weight_gradient.shape[0] != observation.num_classes:
+        raise AttackNotApplicable(
+            f"the last Linear layer has {weight_gradient.shape[0]} outputs, not the "
+            f"{observation.num_classes} classes; {rule} does not apply"
+        )
+    return weight_name, bias_name, weight_gradient
