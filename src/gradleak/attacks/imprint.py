@@ -44,10 +44,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gradleak.attacks.passthrough import PassThroughPlan, craft_passthrough
 from gradleak.errors import AttackNotApplicable, ConfigError
 from gradleak.types import Observation, Reconstruction
 
-__all__ = ["Binning", "BinningPlan", "trap_layers"]
+__all__ = ["Binning", "BinningPlan", "OutputRows", "RowsPlan", "dishonest_attack", "trap_layers"]
 
 
 @dataclass(frozen=True)
@@ -57,33 +58,45 @@ class BinningPlan:
     layer: str
     thresholds: tuple[float, ...]
     input_shape: tuple[int, ...]
+    front: PassThroughPlan | None = None  # convolutions below the trap, set to pass through
+
+
+def _linears(model: nn.Module) -> list[str]:
+    """The model's Linear layers, by name, in definition order."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 def trap_layers(model: nn.Module) -> tuple[str, str]:
     """The first Linear layer (the trap) and the next one (its error equaliser), by name.
 
+    Convolutions below the trap are set to pass the input through (`attacks/passthrough.py`).
+
     Raises:
-        AttackNotApplicable: The model's first layer with weights is not Linear, or no
-            Linear layer follows it.
+        AttackNotApplicable: The model has fewer than two Linear layers, or the trap has no bias.
     """
-    weighted = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear | nn.modules.conv._ConvNd | nn.modules.batchnorm._BatchNorm)
-    ]
-    if not weighted or not isinstance(weighted[0][1], nn.Linear):
-        first = type(weighted[0][1]).__name__ if weighted else "no layer with weights"
-        raise AttackNotApplicable(
-            f"binning on weights alone needs a model whose first layer with weights is Linear "
-            f"(an MLP on flattened input); this one starts with {first}"
-        )
-    linears = [name for name, m in weighted if isinstance(m, nn.Linear)]
+    linears = _linears(model)
     if len(linears) < 2:
-        raise AttackNotApplicable("binning needs a second Linear layer after the trap layer")
+        raise AttackNotApplicable(
+            f"binning needs two Linear layers (a trap and one above it); this model has "
+            f"{len(linears)}: use the output-layer attack (--threat trap picks it)"
+        )
     trap = model.get_submodule(linears[0])
     if trap.bias is None:
         raise AttackNotApplicable(f"the trap layer '{linears[0]}' has no bias to set the bins")
     return linears[0], linears[1]
+
+
+def dishonest_attack(model: nn.Module, bins: int | None = None) -> Binning | OutputRows:
+    """The weight-only attack this architecture allows: binning with two Linear layers, the
+    output layer's rows with one.
+
+    Raises:
+        AttackNotApplicable: The model has no Linear layer.
+    """
+    linears = _linears(model)
+    if not linears:
+        raise AttackNotApplicable("a weight-only trap needs a Linear layer; this model has none")
+    return Binning(bins=bins) if len(linears) >= 2 else OutputRows()
 
 
 class Binning:
@@ -120,6 +133,7 @@ class Binning:
         crafted = copy.deepcopy(model)
         trap: nn.Linear = crafted.get_submodule(trap_name)
         following: nn.Linear = crafted.get_submodule(next_name)
+        front = craft_passthrough(crafted, trap, public)
         units = trap.out_features if self.bins is None else min(self.bins, trap.out_features)
         features = self._features(crafted, trap, public)
         statistic = features.mean(dim=1)  # w = 1/d: the mean of the layer's input
@@ -132,8 +146,10 @@ class Binning:
             trap.bias[:units] = -thresholds.to(trap.bias)
             column = following.weight[:, :1].clone()
             following.weight.copy_(column.expand_as(following.weight))
-        plan = BinningPlan(trap_name, tuple(float(t) for t in thresholds), tuple(public.shape[1:]))
-        return crafted, plan
+        plan = BinningPlan(
+            trap_name, tuple(float(t) for t in thresholds), tuple(public.shape[1:]), front
+        )
+        return crafted.train(), plan  # clients train in train mode
 
     @staticmethod
     def _features(model: nn.Module, trap: nn.Linear, public: torch.Tensor) -> torch.Tensor:
@@ -168,10 +184,88 @@ class Binning:
         occupied = mass.abs() > self.empty * scale
         if not bool(occupied.any()):
             raise AttackNotApplicable("no bin of the trap layer holds an example")
-        inputs = rows[occupied] / mass[occupied, None]
-        shape = plan.input_shape
+        inputs = _images(rows[occupied] / mass[occupied, None], plan.front, observation)
         return Reconstruction(
-            inputs=inputs.reshape(-1, *shape).to(observation.gradients[0].dtype),
+            inputs=inputs.reshape(-1, *plan.input_shape).to(observation.gradients[0].dtype),
             labels=torch.full((len(inputs),), -1, dtype=torch.long),
+            converged=True,
+        )
+
+
+def _images(
+    features: torch.Tensor, front: PassThroughPlan | None, observation: Observation
+) -> torch.Tensor:
+    """Trap-layer inputs as images: through the pass-through decoder when there is one."""
+    return features if front is None else front.decode(features, observation.batchnorm)
+
+
+@dataclass(frozen=True)
+class RowsPlan:
+    """The output layer the server zeroed, and how its input maps back to an image."""
+
+    layer: str
+    input_shape: tuple[int, ...]
+    front: PassThroughPlan | None = None
+
+
+class OutputRows:
+    """A dishonest server's weights for a model with a single Linear layer (its output).
+
+    With one Linear layer there is nothing to bin with; what is left is the output
+    layer's own structure, as in iDLG (Zhao, Mopuri, Bilen, 2020,
+    https://arxiv.org/abs/2001.02610): for cross-entropy, the gradient of class j's row
+    is ``sum_n (p_nj - y_nj) h_n`` and of its bias ``sum_n (p_nj - y_nj)``.  The server
+    sends that layer all zero, so ``p_nj = 1/K`` for every example whatever its
+    features; a class absent from the batch then gives ``sum_n h_n / K`` and ``N / K``,
+    and every other class j gives back the sum and count of its examples' features:
+    their mean, exactly the example's features when it is alone in its class.
+    Convolutions below are set to pass the input through (`attacks/passthrough.py`).
+    Needs at least one class absent from the batch (else the rows are off by a shared
+    vector); with K classes and N examples about ``(1 - 1/K)^(N-1)`` of them are alone
+    in their class.
+
+    Args:
+        empty: A class whose count is below this share of the batch holds no example.
+    """
+
+    name = "output-rows"
+
+    def __init__(self, *, empty: float = 1e-4) -> None:
+        self.empty = empty
+
+    def craft(self, model: nn.Module, public: torch.Tensor) -> tuple[nn.Module, RowsPlan]:
+        """The crafted weights for `model`: pass-through below, a zero output layer."""
+        linears = _linears(model)
+        if len(linears) != 1:
+            raise AttackNotApplicable(
+                f"the output-layer attack needs exactly one Linear layer, got {len(linears)}"
+            )
+        crafted = copy.deepcopy(model)
+        layer: nn.Linear = crafted.get_submodule(linears[0])
+        if layer.bias is None:
+            raise AttackNotApplicable(f"the output layer '{linears[0]}' has no bias")
+        front = craft_passthrough(crafted, layer, public)
+        with torch.no_grad():
+            layer.weight.zero_()
+            layer.bias.zero_()
+        return crafted.train(), RowsPlan(linears[0], tuple(public.shape[1:]), front)
+
+    def decode(self, observation: Observation, plan: RowsPlan) -> Reconstruction:
+        """One reconstruction per class present (its examples' mean), labelled with it."""
+        g_weight = observation.gradient(f"{plan.layer}.weight").double()
+        g_bias = observation.gradient(f"{plan.layer}.bias").double()
+        share = 1.0 / len(g_bias)  # every class's probability under the zero layer
+        absent = int(g_bias.argmax())  # an absent class has the largest bias gradient
+        total_w, total = g_weight[absent] / share, float(g_bias[absent]) / share
+        mass = share * total - g_bias
+        rows = share * total_w - g_weight
+        present = mass > self.empty * abs(total)
+        present[absent] = False
+        if not bool(present.any()):
+            raise AttackNotApplicable("no class of the output layer holds an example")
+        inputs = _images(rows[present] / mass[present, None], plan.front, observation)
+        return Reconstruction(
+            inputs=inputs.reshape(-1, *plan.input_shape).to(observation.gradients[0].dtype),
+            labels=torch.nonzero(present).squeeze(1),
             converged=True,
         )

@@ -140,7 +140,8 @@ def add(commands: argparse._SubParsersAction) -> None:
         default="honest",
         choices=("honest", "binning", "trap"),
         help="honest (default: the server attacks what it gets) or binning/trap: it crafts "
-        "the weights it sends (first Linear layer; use --model mlp) and reads the batch back",
+        "the weights it sends (a trap in the first Linear layer, or in the output layer when "
+        "it is the only one; convolutions below pass the input through) and reads the batch back",
     )
     threat.add_argument(
         "--clients", type=positive_int, default=1, help="with --threat: batches summed (SecAgg)"
@@ -271,9 +272,10 @@ def _cmd_malicious(args: argparse.Namespace, console: Console) -> None:
         )
     )  # fmt: skip
     source = f"the aggregate of {row['clients']} clients" if row["clients"] > 1 else "the gradient"
+    how = f"{row['bins']} bins" if row["bins"] else row["attack"]
     console.print(
-        f"dishonest server ({row['threat']}, {row['bins']} bins): {row['exact']} of "
-        f"{row['images']} images read back exactly (MSE < 1e-4) from {source} "
-        f"in {row['seconds']:.1f} s"
+        f"dishonest server ({row['threat']}, {how}): {row['exact']} of "
+        f"{row['images']} images read back exactly (MSE < 1e-4, resolution: {row['resolution']}) "
+        f"from {source} in {row['seconds']:.1f} s"
     )
     console.print(f"wrote {args.out}/metrics.json and {args.out}/reconstruction.png")

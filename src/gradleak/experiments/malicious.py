@@ -2,7 +2,8 @@
 
 The server crafts the weights of the clients' own model (`attacks/imprint.py`:
 binning on its first Linear layer, bins set on images it holds: the dataset's
-last `PUBLIC` images, never the victims), each client takes one step on its
+last `PUBLIC` images, never the victims; with a single Linear layer, the output
+layer's rows; convolutions below set to pass the input through), each client takes one step on its
 batch (FedSGD), and the server reads the examples back from the gradient, or
 from the secure aggregate of `clients` clients.  Crafted weights live only in
 this process: nothing is written but the metrics and the picture.
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from gradleak import metrics
-from gradleak.attacks.imprint import Binning, trap_layers
+from gradleak.attacks.imprint import dishonest_attack
 from gradleak.data import load_dataset
 from gradleak.errors import ConfigError
 from gradleak.experiments.common import finite_or_none, write_json
@@ -57,7 +58,8 @@ def run_malicious(run: MaliciousRun) -> dict[str, Any]:
 
     Raises:
         ConfigError: An unknown threat, too few images, or a model the attack cannot use.
-        AttackNotApplicable: The model has no first Linear layer to trap.
+        AttackNotApplicable: The model has no Linear layer to trap, or layers below it that
+            the pass-through construction cannot set.
     """
     if run.threat not in THREATS[1:]:
         raise ConfigError(f"unknown --threat '{run.threat}': choose binning (or trap)")
@@ -66,19 +68,20 @@ def run_malicious(run: MaliciousRun) -> dict[str, Any]:
         run.model, input_shape=data.shape, num_classes=data.num_classes, seed=run.seed,
         width=run.width, model_args=parse_model_args(list(run.model_args)),
     )  # fmt: skip
-    trap_layers(model)  # one line, before any work, if the model has no layer to trap
+    attack = dishonest_attack(model, run.bins)  # one line, before any work, if nothing to trap
     count = run.batch_size * run.clients
-    if run.index + count > len(data) - PUBLIC:
+    public_count = min(PUBLIC, len(data) // 2)  # CIFAR-100's sample has 916 images
+    if run.index + count > len(data) - public_count:
         raise ConfigError(
             f"{data.name} has {len(data)} images; {run.clients} x {run.batch_size} victims from "
-            f"--index {run.index} would reach the server's last {PUBLIC}: give fewer"
+            f"--index {run.index} would reach the server's last {public_count}: give fewer"
         )
     if run.normalize is not None:
         normalize_input(model, parse_normalization(run.normalize, data.shape[0]))
     out = prepare_out(run.out)
-    public = torch.stack([data[i][0] for i in range(len(data) - PUBLIC, len(data))])
+    public = torch.stack([data[i][0] for i in range(len(data) - public_count, len(data))])
     started = time.perf_counter()
-    crafted, plan = Binning(bins=run.bins).craft(model, public)
+    crafted, plan = attack.craft(model, public)
     victims = list(range(run.index, run.index + count))
     x = torch.stack([data[i][0] for i in victims])
     y = torch.tensor([data.label(i) for i in victims])
@@ -88,7 +91,7 @@ def run_malicious(run: MaliciousRun) -> dict[str, Any]:
         for k in range(run.clients)
     ]  # fmt: skip
     shared = observe_aggregate(crafted, batches)
-    recovered = Binning(bins=run.bins).decode(shared, plan).inputs.detach().float()
+    recovered = attack.decode(shared, plan).inputs.detach().float()
     normalisation = getattr(crafted, "gradleak_normalize", None)
     if normalisation is not None:  # the trap reads what the model sees: undo the normalisation
         shape = (1, -1) + (1,) * (recovered.dim() - 2)
@@ -96,14 +99,20 @@ def run_malicious(run: MaliciousRun) -> dict[str, Any]:
         std = torch.tensor(normalisation.std).reshape(shape)
         recovered = recovered * std + mean
     seconds = time.perf_counter() - started
-    errors = ((recovered[:, None] - x[None]) ** 2).flatten(2).mean(-1)
+    # Exact means at the resolution the crafted convolutions let through: against the
+    # originals reduced the same way (block means or maxima); PSNR against the originals.
+    reduced = x if plan.front is None else plan.front.reduce(x).float()
+    errors = ((recovered[:, None] - reduced[None]) ** 2).flatten(2).mean(-1)
     best, which = errors.min(0)
     exact = int((best < EXACT_MSE).sum())
     psnr = [metrics.psnr(recovered[j], x[i]) for i, j in enumerate(which.tolist())]
     row = {
         "threat": run.threat, "model": run.model, "dataset": data.name, "clients": run.clients,
-        "batch_size": run.batch_size, "images": count, "bins": len(plan.thresholds),
-        "bins_occupied": len(recovered), "exact": exact, "exact_share": exact / count,
+        "batch_size": run.batch_size, "images": count,
+        "bins": len(getattr(plan, "thresholds", ())), "attack": attack.name,
+        "bins_occupied": len(recovered),
+        "resolution": "full" if plan.front is None else plan.front.resolution,
+        "exact": exact, "exact_share": exact / count,
         "per_image_mse": [finite_or_none(float(v)) for v in best],
         "psnr": finite_or_none(sum(p for p in psnr if math.isfinite(p)) / max(1, len(psnr))),
         "seconds": round(seconds, 3), "seed": run.seed, "torch": torch.__version__,
@@ -114,7 +123,7 @@ def run_malicious(run: MaliciousRun) -> dict[str, Any]:
               ("read back", [(f"{float(best[i]):.0e}", recovered[int(which[i])].clamp(0, 1))
                              for i in range(shown)])]  # fmt: skip
     title = (
-        f"dishonest server, binning on '{plan.layer}': {exact} of {count} images read back "
+        f"dishonest server, {attack.name} on '{plan.layer}': {exact} of {count} images read back "
         f"exactly ({run.clients} client{'s' if run.clients > 1 else ''} of {run.batch_size})"
     )
     save_strip_rows(out / "reconstruction.png", frames, title=title)
