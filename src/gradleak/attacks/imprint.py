@@ -78,7 +78,7 @@ def trap_layers(model: nn.Module) -> tuple[str, str]:
     if len(linears) < 2:
         raise AttackNotApplicable(
             f"binning needs two Linear layers (a trap and one above it); this model has "
-            f"{len(linears)}: use the output-layer attack (--threat trap picks it)"
+            f"{len(linears)} (`gradleak attack --threat trap` uses its output layer instead)"
         )
     trap = model.get_submodule(linears[0])
     if trap.bias is None:
