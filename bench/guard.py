@@ -12,18 +12,23 @@
    trap rows and the equaliser columns; k bins among otherwise honest rows. For each:
    whether the guard refuses, and the share of a batch of 64 images the server still reads
    back exactly (MSE < 1e-4).
+3. Pass-through crafted weights on the models with convolutions (attacks/passthrough.py:
+   iDLG's LeNet, the ConvNet at width 8, the quickstart-style Net): refused or not, and why.
+4. Time of one check of a ResNet-18's weights (11 M), alone and against the previous
+   round's: the median and the fastest of 30.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from gradleak.attacks.imprint import Binning, BinningPlan
+from gradleak.attacks.imprint import Binning, BinningPlan, dishonest_attack
 from gradleak.data import load_dataset
 from gradleak.integrations.guard import inspect_weights
 from gradleak.models import build_model
@@ -134,6 +139,40 @@ def evasions(data) -> list[tuple[str, bool, int]]:
     return rows
 
 
+def passthrough(data, rgb) -> list[tuple[str, bool, str]]:
+    from qsapp.task import Net  # on sys.path since honest()
+
+    torch.manual_seed(0)
+    models = {
+        "LeNet, output rows": (build_model("lenet", input_shape=(1, 28, 28), num_classes=10,
+                                           seed=0), data),
+        "ConvNet w=8, output rows": (build_model("convnet", input_shape=(1, 28, 28),
+                                                 num_classes=10, seed=0, width=8), data),
+        "quickstart Net, binning": (Net(), rgb),
+    }  # fmt: skip
+    rows = []
+    for name, (model, images) in models.items():
+        public = torch.stack([images[i][0] for i in range(9000, 9300)])
+        crafted, _ = dishonest_attack(model).craft(model, public)
+        found = inspect_weights(crafted.state_dict())
+        rows.append((name, bool(found), "; ".join(found[:3])))
+    return rows
+
+
+def timing(repeats: int = 30) -> list[tuple[str, float, float]]:
+    state = build_model("resnet18", input_shape=(3, 32, 32), num_classes=10, seed=0).state_dict()
+    previous = {k: v.clone() for k, v in state.items()}
+    rows = []
+    for label, args in (("alone", (state,)), ("with the previous round", (state, previous))):
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            inspect_weights(*args)
+            seconds.append(time.perf_counter() - start)
+        rows.append((label, statistics.median(seconds) * 1000, min(seconds) * 1000))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
@@ -148,6 +187,16 @@ def main() -> None:
           f"{per_check * 1000:.1f} ms a check")  # fmt: skip
     for reason in reasons[:10]:
         print("  alarm:", reason)
+    print()
+    print("| pass-through weights sent | ModelGuard | first reasons |")
+    print("|---|---|---|")
+    for label, refused, why in passthrough(data, rgb):
+        print(f"| {label} | {'refused' if refused else 'passed'} | {why} |")
+    print()
+    for label, median, fastest in timing():
+        print(
+            f"ResNet-18, {label}: {median:.1f} ms a check (median of 30), fastest {fastest:.1f} ms"
+        )
     print()
     print("| weights sent | ModelGuard | images of 64 read back exactly |")
     print("|---|---|---|")
