@@ -278,4 +278,6 @@ def _cmd_malicious(args: argparse.Namespace, console: Console) -> None:
         f"{row['images']} images read back exactly (MSE < 1e-4, resolution: {row['resolution']}) "
         f"from {source} in {row['seconds']:.1f} s"
     )
+    if "note" in row:
+        console.print(row["note"])
     console.print(f"wrote {args.out}/metrics.json and {args.out}/reconstruction.png")

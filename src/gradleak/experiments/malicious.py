@@ -117,6 +117,11 @@ def run_malicious(run: MaliciousRun) -> dict[str, Any]:
         "psnr": finite_or_none(sum(p for p in psnr if math.isfinite(p)) / max(1, len(psnr))),
         "seconds": round(seconds, 3), "seed": run.seed, "torch": torch.__version__,
     }  # fmt: skip
+    if plan.front is not None and plan.front.batchnorm:
+        row["note"] = (
+            "train-mode BatchNorm: each channel comes back up to one affine map (the batch's "
+            "statistics), estimated from the server's own images, so not exact"
+        )
     write_json(out / "metrics.json", row)
     shown = min(count, 16)
     frames = [("private", [(str(int(y[i])), x[i]) for i in range(shown)]),
