@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradleak.attacks.imprint import Binning, OutputRows, dishonest_attack
+from gradleak.attacks.imprint import Binning, OutputRows, dishonest_attack, with_imprint
 from gradleak.data import load_dataset
 from gradleak.errors import AttackNotApplicable
 from gradleak.integrations.guard import inspect_weights
@@ -318,3 +318,21 @@ def test_attack_threat_reads_a_batch_back_and_refuses_a_model_without_a_trap(
         main(["attack", "--threat", "trap", "--model", "resnet20", "--dataset", "mnist",
               "--data-dir", str(data_root), "--out", str(tmp_path / "x")])  # fmt: skip
     assert exit_.value.code == 2 and "pass-through" in capsys.readouterr().err
+
+
+def test_the_imprint_block_reads_examples_back_at_full_resolution(mnist) -> None:
+    # Robbing the Fed's second mode: the server ships an imprint block in front of LeNet.
+    model = with_imprint(
+        build_model("lenet", input_shape=(1, 28, 28), num_classes=10, seed=0), (1, 28, 28), 256
+    )
+    public, _ = batch(mnist, 9000, 500)
+    attack = dishonest_attack(model)
+    crafted, plan = attack.craft(model, public)
+    assert plan.layer == "0.imprint" and plan.front is None
+    x, y = batch(mnist, 0, 16)
+    recovered = attack.decode(observe(crafted, x, y), plan).inputs
+    assert exact(recovered, x) >= 10  # measured 13 of 16; (1 - 1/256)^15 = 94% if equal mass
+    # Without the equaliser (the block's second layer random again) nothing comes back exactly.
+    with torch.no_grad():
+        crafted[0].mix.weight.normal_(generator=torch.Generator().manual_seed(3))
+    assert exact(attack.decode(observe(crafted, x, y), plan).inputs, x) <= 1

@@ -48,7 +48,16 @@ from gradleak.attacks.passthrough import PassThroughPlan, craft_passthrough
 from gradleak.errors import AttackNotApplicable, ConfigError
 from gradleak.types import Observation, Reconstruction
 
-__all__ = ["Binning", "BinningPlan", "OutputRows", "RowsPlan", "dishonest_attack", "trap_layers"]
+__all__ = [
+    "Binning",
+    "BinningPlan",
+    "ImprintBlock",
+    "OutputRows",
+    "RowsPlan",
+    "dishonest_attack",
+    "trap_layers",
+    "with_imprint",
+]
 
 
 @dataclass(frozen=True)
@@ -269,3 +278,49 @@ class OutputRows:
             labels=torch.nonzero(present).squeeze(1),
             converged=True,
         )
+
+
+class ImprintBlock(nn.Module):
+    """Robbing the Fed's imprint module: the layers a server adds in front of the model.
+
+    ``Flatten -> Linear(d, bins) -> ReLU -> Linear(bins, d) -> Unflatten``: where the
+    framework ships the architecture, the server can insert it, and `Binning` crafts it
+    like any first Linear layer (the second Linear is its error equaliser), so every
+    example alone in a bin comes back exactly at full resolution, whatever the model
+    behind it.  Fowl et al., ICLR 2022, https://arxiv.org/abs/2110.13057.
+
+    Args:
+        input_shape: Shape of one example.
+        bins: Units of the imprint layer.
+        generator: Source of randomness for the init of the layers (explicit seeds).
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        bins: int,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        features = int(torch.tensor(input_shape).prod())
+        self.flatten = nn.Flatten()
+        self.imprint = nn.Linear(features, bins)
+        self.mix = nn.Linear(bins, features)
+        self.unflatten = nn.Unflatten(1, tuple(input_shape))
+        with torch.no_grad():
+            for layer in (self.imprint, self.mix):
+                bound = layer.in_features**-0.5
+                layer.weight.uniform_(-bound, bound, generator=generator)
+                layer.bias.uniform_(-bound, bound, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unflatten(self.mix(torch.relu(self.imprint(self.flatten(x)))))
+
+
+def with_imprint(
+    model: nn.Module, input_shape: tuple[int, ...], bins: int, *, seed: int = 0
+) -> nn.Module:
+    """`model` behind an imprint block (the architecture a server that ships it may send)."""
+    generator = torch.Generator().manual_seed(seed)
+    return nn.Sequential(ImprintBlock(input_shape, bins, generator=generator), model)

@@ -138,10 +138,11 @@ def add(commands: argparse._SubParsersAction) -> None:
     threat.add_argument(
         "--threat",
         default="honest",
-        choices=("honest", "binning", "trap"),
+        choices=("honest", "binning", "trap", "imprint"),
         help="honest (default: the server attacks what it gets) or binning/trap: it crafts "
         "the weights it sends (a trap in the first Linear layer, or in the output layer when "
-        "it is the only one; convolutions below pass the input through) and reads the batch back",
+        "it is the only one; convolutions below pass the input through) and reads the batch back; "
+        "imprint: it also puts Robbing the Fed's imprint block in front of the model",
     )
     threat.add_argument(
         "--clients", type=positive_int, default=1, help="with --threat: batches summed (SecAgg)"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from gradleak import metrics
-from gradleak.attacks.imprint import dishonest_attack
+from gradleak.attacks.imprint import dishonest_attack, with_imprint
 from gradleak.data import load_dataset
 from gradleak.errors import ConfigError
 from gradleak.experiments.common import finite_or_none, write_json
@@ -29,7 +29,8 @@ from gradleak.outdir import prepare_out
 from gradleak.report import save_strip_rows
 from gradleak.threat import observe_aggregate
 
-THREATS = ("honest", "binning", "trap")
+THREATS = ("honest", "binning", "trap", "imprint")
+IMPRINT_BINS = 1024  # the imprint block's default width (Robbing the Fed uses hundreds)
 PUBLIC = 1000
 EXACT_MSE = 1e-4
 
@@ -62,12 +63,14 @@ def run_malicious(run: MaliciousRun) -> dict[str, Any]:
             the pass-through construction cannot set.
     """
     if run.threat not in THREATS[1:]:
-        raise ConfigError(f"unknown --threat '{run.threat}': choose binning (or trap)")
+        raise ConfigError(f"unknown --threat '{run.threat}': choose trap, binning or imprint")
     data = load_dataset(run.dataset, data_dir=run.data_dir)
     model = resolve_model(
         run.model, input_shape=data.shape, num_classes=data.num_classes, seed=run.seed,
         width=run.width, model_args=parse_model_args(list(run.model_args)),
     )  # fmt: skip
+    if run.threat == "imprint":  # the server ships the architecture: an imprint block in front
+        model = with_imprint(model, data.shape, run.bins or IMPRINT_BINS, seed=run.seed)
     attack = dishonest_attack(model, run.bins)  # one line, before any work, if nothing to trap
     count = run.batch_size * run.clients
     public_count = min(PUBLIC, len(data) // 2)  # CIFAR-100's sample has 916 images
