@@ -331,7 +331,7 @@ def test_the_imprint_block_reads_examples_back_at_full_resolution(mnist) -> None
     assert plan.layer == "0.imprint" and plan.front is None
     x, y = batch(mnist, 0, 16)
     recovered = attack.decode(observe(crafted, x, y), plan).inputs
-    assert exact(recovered, x) >= 10  # measured 13 of 16; (1 - 1/256)^15 = 94% if equal mass
+    assert exact(recovered, x) >= 10  # measured 14 of 16; (1 - 1/256)^15 = 94% if equal mass
     # Without the equaliser (the block's second layer random again) nothing comes back exactly.
     with torch.no_grad():
         crafted[0].mix.weight.normal_(generator=torch.Generator().manual_seed(3))
