@@ -16,7 +16,7 @@ few vector operations per tensor: no decomposition of a large matrix, and the ch
 of structure look at fixed samples (rows' directions on 64 sampled columns, at most
 1,024 sampled kernels, the rank of a random projection of at most 64 columns of 256
 sampled rows, the jump on 16 runs of 2,048 entries a tensor); only the NaN check reads
-every weight, as one dot product a tensor.
+every weight, as one sum a tensor.
 `flower.ModelGuard` calls it in a Flower client mod.
 
 What it does not catch: weights crafted to look like training (SEER's
@@ -92,10 +92,10 @@ def inspect_weights(
     for name, w in arrays.items():
         if not np.issubdtype(w.dtype, np.floating):
             continue  # counters (BatchNorm's num_batches_tracked)
-        flat = w.reshape(-1)
-        # One BLAS pass over every weight: a NaN or an infinity anywhere makes it non-finite
-        # (so would a weight above 1e19, itself no weight a model trains to).
-        if not np.isfinite(np.dot(flat, flat)):
+        # One pass over every weight: a NaN or an infinity anywhere makes the sum non-finite.
+        # NumPy's own reduction, not BLAS: a multithreaded BLAS call on a busy client costs
+        # more in waking threads than the sum itself.
+        if not np.isfinite(np.add.reduce(w.reshape(-1))):
             reasons.append(f"{name} has NaN or infinite values")
             continue
         if w.ndim == 2 and min(w.shape) >= 2:
@@ -122,7 +122,7 @@ def _duplicated_share(rows: np.ndarray) -> float:
     chance pairs in a thousand rows, against a threshold of half the rows).
     """
     direction = np.random.default_rng(0).standard_normal(rows.shape[1])
-    projected = np.sort(rows @ direction)
+    projected = np.sort(np.einsum("ij,j->i", rows, direction))  # einsum: no BLAS threads
     tolerance = 1e-6 * (np.abs(projected).max() or 1.0)
     close = np.diff(projected) <= tolerance
     linked = np.zeros(len(projected), dtype=bool)
@@ -179,7 +179,7 @@ def _aligned_rows(
         w = w[np.sort(rng.choice(len(w), rows_kept, replace=False))]
     norms = np.linalg.norm(w, axis=1)
     keep = norms > 0
-    rows = w[keep] / norms[keep, None]
+    rows = (w[keep] / norms[keep, None]).astype(np.float32)  # cosines to 1e-6 are plenty
     if len(rows) < 2:
         return 0
     asked = np.arange(len(rows))
@@ -260,8 +260,8 @@ def _jumps(
         # On a fixed sample: 16 evenly spaced runs of 2,048 entries (whole rows and kernels,
         # which is what crafted weights change; contiguous, so cheap to read).
         a, b = _runs(w.reshape(-1)), _runs(before.reshape(-1))
-        square = float(np.dot(b, b))
-        change = (float(np.dot(a - b, a - b)) / square) ** 0.5 if square > 0 else 0.0
+        square = float(np.einsum("i,i", b, b))  # einsum: no BLAS threads (see above)
+        change = (float(np.einsum("i,i", a - b, a - b)) / square) ** 0.5 if square > 0 else 0.0
         if change > settings.jump:
             reasons.append(f"{name} moved {change:.1f}x its own norm since the last round")
     return reasons
