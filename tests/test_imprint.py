@@ -336,3 +336,20 @@ def test_the_imprint_block_reads_examples_back_at_full_resolution(mnist) -> None
     with torch.no_grad():
         crafted[0].mix.weight.normal_(generator=torch.Generator().manual_seed(3))
     assert exact(attack.decode(observe(crafted, x, y), plan).inputs, x) <= 1
+
+
+def test_the_guard_refuses_pass_through_weights_even_with_noise_on_unused_channels(mnist) -> None:
+    public, _ = batch(mnist, 9000, 200)
+    model = build_model("convnet", input_shape=(1, 28, 28), num_classes=10, seed=0, width=4)
+    crafted, _ = OutputRows().craft(model, public)
+    assert any("kernels are all zero" in r for r in inspect_weights(crafted.state_dict()))
+    # The server fills the kernels of the channels it does not use with noise: no zero kernels
+    # left, but the channels that carry the input still read a single weight each.
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for conv in (m for m in crafted.modules() if isinstance(m, nn.Conv2d)):
+            unused = conv.weight.flatten(1).abs().sum(1) == 0
+            conv.weight[unused] = 0.01 * torch.randn(conv.weight[unused].shape, generator=generator)
+    reasons = inspect_weights(crafted.state_dict())
+    assert not any("all zero" in r for r in reasons)
+    assert any("read almost nothing" in r for r in reasons)

@@ -53,6 +53,9 @@ class GuardSettings:
             what its shape allows.
         ordered_bias: Refuse a bias of at least `min_units` entries whose rank
             correlation with its position is above this (bins in order).
+        sparse_share, sparse_outputs: Refuse a convolution with at least
+            `sparse_outputs` output channels whose weights are at most `sparse_share`
+            non-zero (on a sample of about 64 each).
         copy_kernels: Refuse a convolution whose share of kernels with a single
             non-zero entry, or of all-zero kernels, is above this.
         jump: Refuse weights that moved from the previous round's by more than
@@ -68,6 +71,8 @@ class GuardSettings:
     rank_share: float = 0.25
     ordered_bias: float = 0.95
     copy_kernels: float = 0.5
+    sparse_share: float = 0.15
+    sparse_outputs: int = 1
     jump: float = 2.0
     min_units: int = 16
 
@@ -222,6 +227,18 @@ def _kernels(name: str, w: np.ndarray, settings: GuardSettings, sample: int = 10
         reasons.append(f"{name}: {single:.0%} of its kernels copy a single input pixel")
     if empty > settings.copy_kernels:
         reasons.append(f"{name}: {empty:.0%} of its kernels are all zero")
+    # Every output channel, on about 64 evenly spaced weights each: a channel that copies
+    # or averages one input channel is zero almost everywhere, even when the server fills
+    # the channels it does not use with noise to hide the zero kernels above.
+    per = w.reshape(w.shape[0], -1)
+    per = per[:, :: max(1, per.shape[1] // 64)]
+    live = np.count_nonzero(per, axis=1) / per.shape[1]
+    sparse = int((live <= settings.sparse_share).sum())
+    if sparse >= settings.sparse_outputs and not reasons:
+        reasons.append(
+            f"{name}: {sparse} of its output channels read almost nothing "
+            f"(at most {settings.sparse_share:.0%} of their weights non-zero: copies of one input)"
+        )
     return reasons
 
 
