@@ -231,7 +231,10 @@ class OutputRows:
     Convolutions below are set to pass the input through (`attacks/passthrough.py`).
     Needs at least one class absent from the batch (else the rows are off by a shared
     vector); with K classes and N examples about ``(1 - 1/K)^(N-1)`` of them are alone
-    in their class.
+    in their class.  Sums of gradients sum the classes, so it reads a secure aggregate
+    too; a FedAvg update of several local steps moves the output layer off zero after the
+    first, and the rows blur (on LeNet, CIFAR-100, 8 images: 8 exact after one step at lr
+    0.01, 3 after four).
 
     Args:
         empty: A class whose count is below this share of the batch holds no example.
