@@ -237,6 +237,8 @@ def _strided(convs, norms, sizes, activation, public) -> PassThroughPlan:
     carried, remaining, stages = colours, q, []
     for k, conv in enumerate(convs):
         s, p, size = conv.stride[0], conv.padding[0], conv.kernel_size[0]
+        if p + s - 1 >= size:
+            raise AttackNotApplicable(f"{conv}: its kernel is smaller than its stride")
         weight = torch.zeros_like(conv.weight)
         scale, shift = _affine(activation, lo, hi)
         if s > 1 and remaining % s == 0 and remaining > 1:  # average s x s blocks
@@ -255,8 +257,6 @@ def _strided(convs, norms, sizes, activation, public) -> PassThroughPlan:
             for j in range(carried):
                 for phase in range(s * s):
                     weight[j * s * s + phase, j, p + phase // s, p + phase % s] = scale
-        if p + s - 1 >= size:
-            raise AttackNotApplicable(f"{conv}: its kernel is smaller than its stride")
         conv.weight.copy_(weight)
         if conv.bias is None:
             raise AttackNotApplicable(f"{conv} has no bias to keep its activation invertible")
@@ -265,6 +265,8 @@ def _strided(convs, norms, sizes, activation, public) -> PassThroughPlan:
         stages.append(_stage(conv, sizes[k][0]))
         carried = out
         lo, hi = (0.1192, 0.8808) if activation == "sigmoid" else (lo + shift, hi + shift)
+    if remaining != 1:
+        raise AttackNotApplicable("the strided layers cannot average the blocks this plan needs")
     stages = _restrict(stages)
     side = height // q
     what = "means" if q > 1 else "pixels"
