@@ -47,7 +47,7 @@ def test_text_demo_rebuilds_the_clients_sentences_from_their_adapters(tmp_path: 
     assert all(e["exact"] == 1.0 for e in last), [e["recovered"] for e in last]
     assert all(e["sentences"][0]["recovered"] == e["sentences"][0]["original"] for e in last)
     exact = sum(e["exact_count"] for e in entries) / len(entries)
-    assert exact >= 0.5
+    assert exact >= 0.8
     report = (out / "report.md").read_text()
     assert report.startswith("# What the server rebuilt from the clients' LoRA updates")
     assert "round 3: 2 of 2 private sentences rebuilt exactly" in report

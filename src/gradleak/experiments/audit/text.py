@@ -13,11 +13,23 @@ ROUGE-1/2 and token accuracy (`experiments.text.batch.score`).
 
 Writes ``OUT/report.md`` and ``OUT/text-leakage.json``.
 
-Why the span attack is run with a lower rank tolerance than on a one-step
-gradient: LoRA's A update of a client is ``lr * sum_k (dY_k B_k)^T X``; with B
-trained from zero over a few rounds, ``B`` is small and far from isotropic,
-so the update's singular values spread over several decades, and the
-default cut (1e-4 of the largest) drops inputs that are in the batch.
+Why the span attack is run with other tolerances than on a one-step
+gradient (`TEXT_SPAN`): LoRA's A update of a client is ``lr * sum_k (dY_k
+B_k)^T X``; with B trained from zero over a few rounds, ``B`` is small and far
+from isotropic, so the update's singular values spread over several decades,
+and the default cut (1e-4 of the largest) drops inputs that are in the batch;
+and over K local steps at the demo's learning rate the second block's inputs
+drift (its adapters move), so true prefixes lie up to about 0.03 from its
+span (wrong extensions 0.2 or more, measured on gpt2-tiny): the threshold is
+0.1.
+
+One sequence from the first block alone: with learned positions (GPT-2), when
+every position has exactly one candidate token, the batch's sequences agree
+at every position, so the longest of them is those candidates in order (the
+second block only pairs tokens into sequences).  This is what recovers a
+one-sentence client in round 1, where fresh adapters (B = 0) leave the second
+block's update too weak to check prefixes (measured: true prefixes 0.3-0.5
+from its span, wrong ones 0.4-0.5).
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +69,7 @@ from gradleak.types import UpdateObservation
 ProgressCallback = Callable[[str, float, int], None]
 TEXT_RESULTS = "text-leakage.json"
 # See the module docstring: the update's spectrum is wide, the float32 noise below it.
-TEXT_SPAN = SpanConfig(update_rank_tolerance=1e-6)
+TEXT_SPAN = SpanConfig(update_rank_tolerance=1e-6, update_scale=100.0)
 
 
 @dataclass(frozen=True)
@@ -106,7 +118,10 @@ def run_text_audit(
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "text_model": spec.to_json(),
-        "span_config": {"update_rank_tolerance": TEXT_SPAN.update_rank_tolerance},
+        "span_config": {
+            "update_rank_tolerance": TEXT_SPAN.update_rank_tolerance,
+            "threshold": TEXT_SPAN.layer2_threshold * TEXT_SPAN.update_scale,
+        },
         "entries": rows,
         "refused": list(problems),
     }
@@ -146,10 +161,16 @@ def _audit_one(capture: Capture, spec: TextModelSpec, lm: Any, exchange: Exchang
             num_examples=int(exchange.num_examples or 1), local_lr=lr, local_steps=steps,
         )  # fmt: skip
         row["b_sent_zero"] = all(float(before[n].abs().max()) == 0 for n in names if "lora_B" in n)
-        found = SpanAttack(TEXT_SPAN)(observation, eos=int(lm.tokenizer.eos_token_id))
+        eos = int(lm.tokenizer.eos_token_id)
+        found = SpanAttack(TEXT_SPAN)(observation, eos=eos)
     except (DataError, AttackNotApplicable) as error:
         row["error"] = str(error)
         return row
+    single = first_block_sequence(found.candidates, eos) if found.applicable else None
+    if single is not None and single not in found.sequences:
+        # Every position has one candidate: see the module docstring.
+        found = replace(found, sequences=(single,))
+        row["from_first_block"] = True
     row.update({
         "rank": found.rank, "applicable": found.applicable, "reason": found.reason,
         "seconds": round(found.seconds, 3), "recovered_count": len(found.sequences),
@@ -162,6 +183,16 @@ def _audit_one(capture: Capture, spec: TextModelSpec, lm: Any, exchange: Exchang
         row["exact_count"] = sum(s["exact"] for s in scored["sentences"])
         row["sentences"] = scored["sentences"]
     return row
+
+
+def first_block_sequence(
+    candidates: tuple[tuple[int, ...], ...], eos: int
+) -> tuple[int, ...] | None:
+    """The one sequence the first block's candidates spell, when every position has exactly
+    one (learned positions only: a rotary model's candidates are one position-free set)."""
+    if len(candidates) < 2 or any(len(c) != 1 for c in candidates):
+        return None
+    return tuple(c[0] for c in candidates) + (eos,)
 
 
 def _one_record(records: dict[str, dict[str, np.ndarray]], what: str) -> dict[str, np.ndarray]:
@@ -217,7 +248,8 @@ def text_report(summary: dict[str, Any]) -> str:
         f"Model: {spec['name']} (seed {spec['seed']}), LoRA rank {spec['lora_rank']}, alpha "
         f"{spec['lora_alpha']:g} on {', '.join(spec['targets'])}; tokenizer {spec['tokenizer']}. "
         "Attack: the span attack (DAGER-class) on each client's adapter update, update mode, "
-        f"rank tolerance {summary['span_config']['update_rank_tolerance']:g}.",
+        f"rank tolerance {summary['span_config']['update_rank_tolerance']:g}, span distance "
+        f"threshold {summary['span_config']['threshold']:g}.",
         "",
     ]
     if summary.get("command"):
@@ -231,6 +263,10 @@ def text_report(summary: dict[str, Any]) -> str:
         node = f"...{str(e['node_id'])[-6:]}"
         n = len(e["truth"]) if e.get("truth") else e.get("num_examples") or "?"
         note = e.get("error") or e.get("reason") or ""
+        if e.get("from_first_block"):
+            note = "; ".join(
+                x for x in ("first block alone (one candidate per position)", note) if x
+            )
         if e.get("b_sent_zero"):
             note = "; ".join(x for x in ("fresh adapters sent (B = 0)", note) if x)
         if "exact" in e:
