@@ -16,6 +16,11 @@
 A rerun with the same settings finds demo.json, skips the simulation and
 resumes the audit; other settings, or captures without demo.json (a
 simulation that was cut short), are refused in one line.
+
+``--task text`` runs the same simulation path with the text apps
+(`text_apps.py`: federated LoRA fine-tuning of a built-in decoder, the
+clients' sentences saved as JSON ground truth), then the text audit
+(`experiments/audit/text.py`), which reads only the capture on disk.
 """
 
 from __future__ import annotations
