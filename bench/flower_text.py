@@ -26,7 +26,6 @@ SETTINGS = [
     ("--lr 0.05", ["--lr", "0.05"]),
     ("--batch-size 2", ["--batch-size", "2"]),
     ("--batch-size 2 --lora-rank 64", ["--batch-size", "2", "--lora-rank", "64"]),
-    ("--model llama-tiny --batch-size 2", ["--model", "llama-tiny", "--batch-size", "2"]),
 ]
 
 

@@ -63,7 +63,8 @@ def test_text_demo_rebuilds_the_clients_sentences_from_their_adapters(tmp_path: 
     [
         (("--task", "sound"), "--task must be one of image, text, got 'sound'"),
         (("--task", "text", "--lora-rank", "65"), "--lora-rank must be between 1 and the model"),
-        (("--task", "text", "--model", "bert-tiny"), "is not a built-in decoder for --task text"),
+        (("--task", "text", "--model", "bert-tiny"), "is not a built-in GPT-2-shaped decoder"),
+        (("--task", "text", "--model", "llama-tiny"), "choose one of gpt2-tiny, gpt2-small"),
         (("--task", "text", "--clients", "17"), "17 clients x 4 sentences need 68"),
     ],
 )
