@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,9 @@ def base_model(spec: TextModelSpec) -> LanguageModel:
 def lora_model(spec: TextModelSpec, lm: LanguageModel | None = None) -> nn.Module:
     """The decoder with fresh adapters: A from peft's init under a seeded generator, B = 0."""
     lm = lm or base_model(spec)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft asks transformers a deprecated question; the user can do nothing about it.
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
         torch.manual_seed(spec.seed)  # peft draws A from the global generator
         return with_lora(lm.model, spec.lora())
 
