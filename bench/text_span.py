@@ -76,9 +76,15 @@ def main() -> None:
         print(
             f"| {m['model']} | {m['width']} x {m['layers']} | {m['batch_size']} | "
             f"{m['max_tokens']} | {label} | {100 * span['exact']:.0f}% | {span['seconds']:.1f} | "
-            f"{span['seconds'] / base:.2f}x | {m['client_seconds']:.1f} | {m['peak_rss_mb']:.0f} | "
+            f"{ratio(span['seconds'], base, args.lora_sweep)} | {m['client_seconds']:.1f} | "
+            f"{m['peak_rss_mb']:.0f} | "
             f"{span['rank']} / {span['width']} | {note} |"
         )
+
+
+def ratio(seconds: float, base: float, sweep: bool) -> str:
+    """The attack's time against the full fine-tuning row; none in the LoRA sweep (no such row)."""
+    return "-" if sweep else f"{seconds / base:.2f}x"
 
 
 if __name__ == "__main__":
