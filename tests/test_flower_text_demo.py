@@ -79,3 +79,45 @@ def test_bad_text_demo_settings_are_one_line_and_exit_2(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gradleak: error: ") and message in lines[0]
     assert not (tmp_path / "demo" / "captures").exists()
+
+
+def test_text_audit_reads_a_capture_without_ground_truth_and_refuses_a_changed_file(
+    tmp_path: Path,
+) -> None:
+    """In process (InProcessGrid, no Ray): the audit from the files alone, no sentences saved
+    beside them; a reply changed after the capture is refused for that client only."""
+    import shutil
+
+    import torch
+
+    from gradleak.experiments.audit.text import run_text_audit
+    from gradleak.experiments.flower_demo.local import InProcessGrid
+    from gradleak.experiments.flower_demo.settings import DemoRun
+    from gradleak.experiments.flower_demo.text_apps import make_text_client_app, serve_text
+    from gradleak.experiments.text.batch import shipped_sentences
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = DemoRun(task="text", model="gpt2-tiny", clients=2, rounds=2, lr=0.5,
+                      local_steps=3, batch_size=1, out=str(tmp_path / "demo"))  # fmt: skip
+        spec = run.text_spec()
+        serve_text(InProcessGrid(make_text_client_app(run, spec), run.clients), run, spec)
+        shutil.rmtree(run.captures / "private")  # a capture of someone else's clients
+        reply = sorted((run.captures / "round-0002").glob("reply-*.safetensors"))[0]
+        data = bytearray(reply.read_bytes())
+        data[-1] ^= 1
+        reply.write_bytes(bytes(data))
+        result = run_text_audit(run.captures, tmp_path / "audit")
+    finally:
+        torch.set_num_threads(threads)
+    entries = result.summary["entries"]
+    assert len(entries) == 4 and all(e["truth"] is None for e in entries)
+    changed = [e for e in entries if e["error"]]
+    assert len(changed) == 1 and "sha256" in changed[0]["error"] and changed[0]["round"] == 2
+    # The others' sentences come back, each one of the shipped sentences, as the client's.
+    shipped = {s.lower() for s in shipped_sentences()}
+    rebuilt = [t for e in entries if not e["error"] for t in e["recovered"]]
+    assert len(rebuilt) == 3 and all(t in shipped for t in rebuilt)
+    report = (tmp_path / "audit" / "report.md").read_text()
+    assert "no ground truth beside the capture" in report and "sha256" in report

@@ -149,7 +149,8 @@ def add(commands: argparse._SubParsersAction) -> None:
         help="run a real Flower simulation wrapped in LeakageAudit, then audit it",
         description="Simulate a Flower federation on this machine (Flower's simulation engine "
         "on Ray, offline), FedAvg wrapped in LeakageAudit, clients training on private images "
-        "of the test split, then run 'gradleak audit' on what the server captured. Needs "
+        "of the test split (--task text: LoRA fine-tuning of a built-in GPT-2-shaped decoder on "
+        "private sentences, adapters only exchanged), then audit what the server captured. Needs "
         'pip install "gradleak[flower]".',
     )
     demo.add_argument(
@@ -409,15 +410,20 @@ def _print_text(console: Console, summary: dict[str, Any], out: str) -> None:
                 f"{e['exact_count']}/{n}", f"{100 * e['rouge1']:.1f}", f"{100 * e['rouge2']:.1f}",
                 f"{100 * e['token_accuracy']:.1f}",
             ]  # fmt: skip
+        elif e.get("recovered"):  # no ground truth beside the capture: what came back
+            cells = [f"{len(e['recovered'])} rebuilt", "-", "-", "-"]
         else:
             cells = ["not rebuilt", "-", "-", "-"]
         table.add_row(str(e["round"]), node, str(n), *cells)
     console.print(table)
     for e in summary["entries"]:
+        where = f"round {e['round']} ...{str(e['node_id'])[-6:]}"
         for s in e.get("sentences", []):
             mark = "=" if s["exact"] else "~"
-            line = f"round {e['round']} ...{str(e['node_id'])[-6:]} {mark} {s['recovered']!r}"
-            console.print(line, markup=False, highlight=False)
+            console.print(f"{where} {mark} {s['recovered']!r}", markup=False, highlight=False)
+        if "sentences" not in e:
+            for text in e.get("recovered") or []:
+                console.print(f"{where} {text!r}", markup=False, highlight=False)
     for line in text_verdict(summary):
         console.print(line, markup=False, highlight=False)
     console.print(f"wrote {out}/report.md and {out}/text-leakage.json")
