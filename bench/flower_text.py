@@ -26,6 +26,7 @@ SETTINGS = [
     ("--lr 0.05", ["--lr", "0.05"]),
     ("--batch-size 2", ["--batch-size", "2"]),
     ("--batch-size 2 --lora-rank 64", ["--batch-size", "2", "--lora-rank", "64"]),
+    ("--model gpt2-small", ["--model", "gpt2-small"]),
 ]
 
 
