@@ -104,15 +104,19 @@ def run_text_audit(
     spec = TextModelSpec.from_json(capture.text_model, where)
     exchanges, refused = read_exchanges(capture)
     folder = prepare_out(out)
-    torch.set_num_threads(1)
-    lm = base_model(spec)
-    rows = []
-    if callback is not None:
-        callback("span attack", 0, len(exchanges))
-    for done, exchange in enumerate(exchanges, start=1):
-        rows.append(_audit_one(capture, spec, lm, exchange))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread each: the demo's machine is shared (and small)
+    try:
+        lm = base_model(spec)
+        rows = []
         if callback is not None:
-            callback("span attack", done, len(exchanges))
+            callback("span attack", 0, len(exchanges))
+        for done, exchange in enumerate(exchanges, start=1):
+            rows.append(_audit_one(capture, spec, lm, exchange))
+            if callback is not None:
+                callback("span attack", done, len(exchanges))
+    finally:
+        torch.set_num_threads(threads)
     problems = tuple(f"{r.sidecar}: {r.reason}" for r in refused)
     summary = {
         "command": command,
@@ -135,7 +139,10 @@ def _audit_one(capture: Capture, spec: TextModelSpec, lm: Any, exchange: Exchang
         "round": exchange.round, "node_id": exchange.node_id,
         "num_examples": exchange.num_examples, "error": exchange.error,
     }  # fmt: skip
-    truth = read_private_sentences(capture.folder, exchange.round, exchange.node_id)
+    try:
+        truth = read_private_sentences(capture.folder, exchange.round, exchange.node_id)
+    except DataError as error:  # a broken ground-truth file: the row is audited, not scored
+        truth, row["truth_error"] = None, str(error)
     row["truth"] = truth
     if exchange.error is not None or exchange.reply is None:
         row["error"] = exchange.error or "the reply holds no arrays"
@@ -152,6 +159,8 @@ def _audit_one(capture: Capture, spec: TextModelSpec, lm: Any, exchange: Exchang
             raise DataError(f"{what}: the reply does not hold the adapters that were sent")
         before = {n: torch.as_tensor(np.asarray(sent[n])) for n in names}
         after = {n: torch.as_tensor(np.asarray(returned[n])) for n in names}
+        if not all(bool(torch.isfinite(after[n]).all()) for n in names):
+            raise DataError(f"{what}: the reply's adapters hold NaN or inf; nothing to attack")
         width = int(lm.model.config.hidden_size)
         observation = UpdateObservation(
             model=model, sent=before, returned=after,

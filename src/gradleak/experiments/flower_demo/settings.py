@@ -6,17 +6,20 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradleak.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gradleak.experiments.flower_demo.text_task import TextModelSpec
 
 DP_MODES = ("none", "server-fixed", "client-fixed", "local")
 MALICIOUS = ("none", "binning", "trap")  # "trap": the same weights-only binning, by its other name
 CAPTURES = "captures"
 MALICIOUS_SECAGG_LR = 10.0
 TASKS = ("image", "text")
-# The text task's defaults (`gradleak flower-demo --task text`): measured to leak from round 2
-# on gpt2-tiny in a few minutes here (README, "Federated fine-tuning of a language model").
+# The text task's defaults (`gradleak flower-demo --task text`): under a minute here, and every
+# round leaks, measured (README, "Federated fine-tuning of a language model").
 TEXT_DEFAULTS = {"model": "gpt2-tiny", "lr": 0.5, "local_steps": 3, "batch_size": 1, "rounds": 3}
 
 
@@ -149,7 +152,8 @@ class DemoRun:
             per_client=self.sentences_per_client, batch_size=self.batch_size,
         )  # fmt: skip
 
-    def text_spec(self) -> object:
+    def text_spec(self) -> TextModelSpec:
+        """What the capture records of the text task's model (`text_task.TextModelSpec`)."""
         from gradleak.experiments.flower_demo.text_task import text_spec
 
         return text_spec(self.model, seed=self.seed, rank=self.lora_rank, alpha=self.lora_alpha)
