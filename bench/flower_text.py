@@ -27,6 +27,10 @@ SETTINGS = [
     ("--batch-size 2", ["--batch-size", "2"]),
     ("--batch-size 2 --lora-rank 64", ["--batch-size", "2", "--lora-rank", "64"]),
     ("--model gpt2-small", ["--model", "gpt2-small"]),
+    (
+        "--model gpt2-small --batch-size 2 --lora-rank 64",
+        ["--model", "gpt2-small", "--batch-size", "2", "--lora-rank", "64"],
+    ),
 ]
 
 
