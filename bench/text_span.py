@@ -7,6 +7,7 @@ first block's gradient rank, and the attack's time against the full fine-tuning 
 
     .venv/bin/python bench/text_span.py                       # the settings below
     .venv/bin/python bench/text_span.py --layers 2 --quick    # a fast look
+    .venv/bin/python bench/text_span.py --lora-sweep          # LoRA rank 8-64, B = 1, 2, 16
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ SETTINGS = [
     ("full, FedSGD", "bert-base", 1, []),
 ]
 QUICK = [SETTINGS[0], SETTINGS[1], SETTINGS[2]]
+# `--lora-sweep`: what the adapter's rank lets through, at small B x length and at B = 16.
+LORA_SWEEP = [
+    (f"LoRA r={rank}, FedSGD", "gpt2-small", batch, ["--lora-rank", str(rank)])
+    for batch in (1, 2, 16)
+    for rank in (8, 16, 32, 64)
+]
 
 
 def run(model: str, batch: int, extra: list[str], layers: int | None) -> dict:
@@ -49,14 +56,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=None, help="depth (the models' own)")
     parser.add_argument("--quick", action="store_true", help="the first three settings only")
+    parser.add_argument(
+        "--lora-sweep", action="store_true", help="LoRA rank 8-64 at B = 1, 2 and 16 instead"
+    )
     args = parser.parse_args()
     rows = []
-    for label, model, batch, extra in QUICK if args.quick else SETTINGS:
+    settings = LORA_SWEEP if args.lora_sweep else QUICK if args.quick else SETTINGS
+    for label, model, batch, extra in settings:
         metrics = run(model, batch, extra, args.layers)
         span = metrics["methods"]["span"]
         rows.append((label, metrics, span))
         print(f"done: {model} B={batch} {label}", file=sys.stderr)
-    base = rows[0][2]["seconds"] or 1e-9
+    base = next((r[2]["seconds"] for r in rows if r[2]["seconds"]), 1.0)  # first applicable
     print("| model | width x layers | B | max tokens | setting | exact | attack s | x full | "
           "client s | peak MB | rank / width | note |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -65,9 +76,15 @@ def main() -> None:
         print(
             f"| {m['model']} | {m['width']} x {m['layers']} | {m['batch_size']} | "
             f"{m['max_tokens']} | {label} | {100 * span['exact']:.0f}% | {span['seconds']:.1f} | "
-            f"{span['seconds'] / base:.2f}x | {m['client_seconds']:.1f} | {m['peak_rss_mb']:.0f} | "
+            f"{ratio(span['seconds'], base, args.lora_sweep)} | {m['client_seconds']:.1f} | "
+            f"{m['peak_rss_mb']:.0f} | "
             f"{span['rank']} / {span['width']} | {note} |"
         )
+
+
+def ratio(seconds: float, base: float, sweep: bool) -> str:
+    """The attack's time against the full fine-tuning row; none in the LoRA sweep (no such row)."""
+    return "-" if sweep else f"{seconds / base:.2f}x"
 
 
 if __name__ == "__main__":

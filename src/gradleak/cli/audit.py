@@ -149,22 +149,50 @@ def add(commands: argparse._SubParsersAction) -> None:
         help="run a real Flower simulation wrapped in LeakageAudit, then audit it",
         description="Simulate a Flower federation on this machine (Flower's simulation engine "
         "on Ray, offline), FedAvg wrapped in LeakageAudit, clients training on private images "
-        "of the test split, then run 'gradleak audit' on what the server captured. Needs "
+        "of the test split (--task text: LoRA fine-tuning of a built-in GPT-2-shaped decoder on "
+        "private sentences, adapters only exchanged), then audit what the server captured. Needs "
         'pip install "gradleak[flower]".',
     )
+    demo.add_argument(
+        "--task",
+        default="image",
+        help="image (default): clients train on private images; text: federated LoRA "
+        "fine-tuning of a built-in decoder on private sentences",
+    )
     demo.add_argument("--clients", type=positive_int, default=4, help="simulated clients (4)")
-    demo.add_argument("--rounds", type=positive_int, default=2, help="federated rounds (2)")
+    demo.add_argument(
+        "--rounds", type=positive_int, default=None, help="federated rounds (2; text 3)"
+    )
     demo.add_argument("--dataset", default="mnist", help="mnist (default), cifar100, sample, ...")
     demo.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
-    demo.add_argument("--model", default="lenet", help="lenet (default), convnet, ...")
+    demo.add_argument(
+        "--model", default=None, help="lenet (default), convnet, ...; text: gpt2-tiny (default)"
+    )
     demo.add_argument("--width", type=positive_int, default=None, help="convnet/resnet18 width")
     demo.add_argument(
-        "--local-steps", type=positive_int, default=1, help="client SGD steps per round, K (1)"
+        "--local-steps",
+        type=positive_int,
+        default=None,
+        help="client SGD steps per round, K (1; text 3)",
     )
     demo.add_argument(
-        "--batch-size", type=positive_int, default=1, help="private images per client per round (1)"
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="private images (text: sentences) per client per round (1)",
     )
-    demo.add_argument("--lr", type=positive_float, default=0.01, help="client SGD lr (0.01)")
+    demo.add_argument(
+        "--lr", type=positive_float, default=None, help="client SGD lr (0.01; text 0.5)"
+    )
+    text = demo.add_argument_group("--task text")
+    text.add_argument(
+        "--sentences-per-client",
+        type=positive_int,
+        default=4,
+        help="private sentences each client holds (4), from the shipped set",
+    )
+    text.add_argument("--lora-rank", type=positive_int, default=32, help="LoRA rank r (32)")
+    text.add_argument("--lora-alpha", type=positive_float, default=64.0, help="LoRA alpha (64)")
     demo.add_argument(
         "--flower-dp",
         default="none",
@@ -211,7 +239,20 @@ def add(commands: argparse._SubParsersAction) -> None:
 
 def cmd_audit(args: argparse.Namespace, console: Console) -> None:
     from gradleak.experiments.audit.run import AuditRun, run_audit
+    from gradleak.experiments.audit.text import is_text_capture, run_text_audit
 
+    if is_text_capture(args.captures):
+        # LoRA fine-tuning of a language model: the capture names the model; the span attack.
+        if args.model is not None:
+            raise ConfigError("this capture names its language model: leave out --model")
+        with StageBars(console, "") as bars:
+            text = run_text_audit(
+                args.captures, args.out, command=shlex.join(["gradleak", *args.argv]),
+                callback=bars,
+            )  # fmt: skip
+        _print_text(console, text.summary, args.out)
+        _refused(text.problems)
+        return
     model = audit_model(args)
     run = AuditRun(
         captures=args.captures,
@@ -302,17 +343,25 @@ def audit_schedule(args: argparse.Namespace) -> Any:
 
 def cmd_flower_demo(args: argparse.Namespace, console: Console) -> None:
     from gradleak.experiments.flower_demo.run import run_flower_demo
-    from gradleak.experiments.flower_demo.settings import DemoRun
+    from gradleak.experiments.flower_demo.settings import TEXT_DEFAULTS, DemoRun
 
+    image = {"model": "lenet", "lr": 0.01, "local_steps": 1, "batch_size": 1, "rounds": 2}
+    defaults = TEXT_DEFAULTS if args.task == "text" else image
+    given = {key: getattr(args, key) for key in defaults}
+    chosen = {key: defaults[key] if value is None else value for key, value in given.items()}
     run = DemoRun(
+        task=args.task,
         clients=args.clients,
-        rounds=args.rounds,
+        rounds=chosen["rounds"],
         dataset=args.dataset,
-        model=args.model,
+        model=chosen["model"],
         width=args.width,
-        local_steps=args.local_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
+        local_steps=chosen["local_steps"],
+        batch_size=chosen["batch_size"],
+        lr=chosen["lr"],
+        sentences_per_client=args.sentences_per_client,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
         flower_dp=args.flower_dp,
         secagg=args.secagg,
         dp_clipping_norm=args.dp_clipping_norm,
@@ -339,8 +388,45 @@ def cmd_flower_demo(args: argparse.Namespace, console: Console) -> None:
         else "captures of an earlier simulation with these settings found: audited them"
     )
     console.print(how)
-    _print(console, result.audit.summary, args.out)
+    if args.task == "text":
+        _print_text(console, result.audit.summary, args.out)
+    else:
+        _print(console, result.audit.summary, args.out)
     _refused(result.audit.problems)
+
+
+def _print_text(console: Console, summary: dict[str, Any], out: str) -> None:
+    """The text audit: a row per round and client, each client's sentences, the verdict."""
+    from gradleak.experiments.audit.text import text_verdict
+
+    table = Table(title="what the server rebuilt from the LoRA updates, per round and client")
+    for column in ("round", "node", "sentences", "exact", "ROUGE-1", "ROUGE-2", "token acc."):
+        table.add_column(column)
+    for e in summary["entries"]:
+        node = f"...{str(e['node_id'])[-6:]}"
+        n = len(e["truth"]) if e.get("truth") else e.get("num_examples") or "?"
+        if "exact" in e:
+            cells = [
+                f"{e['exact_count']}/{n}", f"{100 * e['rouge1']:.1f}", f"{100 * e['rouge2']:.1f}",
+                f"{100 * e['token_accuracy']:.1f}",
+            ]  # fmt: skip
+        elif e.get("recovered"):  # no ground truth beside the capture: what came back
+            cells = [f"{len(e['recovered'])} rebuilt", "-", "-", "-"]
+        else:
+            cells = ["not rebuilt", "-", "-", "-"]
+        table.add_row(str(e["round"]), node, str(n), *cells)
+    console.print(table)
+    for e in summary["entries"]:
+        where = f"round {e['round']} ...{str(e['node_id'])[-6:]}"
+        for s in e.get("sentences", []):
+            mark = "=" if s["exact"] else "~"
+            console.print(f"{where} {mark} {s['recovered']!r}", markup=False, highlight=False)
+        if "sentences" not in e:
+            for text in e.get("recovered") or []:
+                console.print(f"{where} {text!r}", markup=False, highlight=False)
+    for line in text_verdict(summary):
+        console.print(line, markup=False, highlight=False)
+    console.print(f"wrote {out}/report.md and {out}/text-leakage.json")
 
 
 def _print(console: Console, summary: dict[str, Any], out: str) -> None:

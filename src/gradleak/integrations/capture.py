@@ -208,6 +208,9 @@ class CaptureWriter:
         weighted_by: The metric key that holds a reply's example count.
         malicious: What a dishonest server crafted (the demo's `--malicious`: the
             attack and its plan), said in the header and in every report.
+        text_model: For a language model fine-tuned with LoRA (the demo's
+            ``--task text``): the JSON spec the text audit rebuilds it from
+            (`experiments.flower_demo.text_task.TextModelSpec`).
 
     Raises:
         ConfigError: The folder cannot be written or holds a capture already.
@@ -224,6 +227,7 @@ class CaptureWriter:
         weighted_by: str = "num-examples",
         versions: Mapping[str, str] | None = None,
         malicious: Mapping[str, Any] | None = None,
+        text_model: Mapping[str, Any] | None = None,
     ) -> None:
         from gradleak.outdir import prepare_out
 
@@ -248,6 +252,8 @@ class CaptureWriter:
         if malicious is not None:
             # Only gradleak's own demo writes this: its server crafted the weights it sent.
             header["malicious"] = jsonable(dict(malicious))
+        if text_model is not None:
+            header["text_model"] = jsonable(dict(text_model))
         _write_atomically(self.folder / CAPTURE_FILE, _dumps(header))
 
     def store_sent(self, server_round: int, records: Records) -> dict[str, Any]:

@@ -101,6 +101,7 @@ def _writer(
     weighted_by: str,
     normalize: tuple[Sequence[float], Sequence[float]] | None = None,
     malicious: dict[str, Any] | None = None,
+    text_model: dict[str, Any] | None = None,
 ) -> CaptureWriter:
     import flwr
 
@@ -116,6 +117,7 @@ def _writer(
         weighted_by=weighted_by,
         versions={"flwr": flwr.__version__, "gradleak": gradleak.__version__},
         malicious=malicious,
+        text_model=text_model,
     )
 
 
@@ -201,6 +203,9 @@ class LeakageAudit(Strategy):
             (a progress bar, say).
         normalize: ``(mean, std)`` per channel (or one of each) of the clients'
             input normalisation, e.g. ``((0.5,) * 3, (0.5,) * 3)``.
+        text_model: For LoRA fine-tuning of a gradleak built-in language model
+            (``TextModelSpec.to_json()``), instead of `model`: `gradleak audit`
+            then rebuilds the clients' sentences with the span attack.
 
     Raises:
         ConfigError: `out` holds a capture already or cannot be written; a bad model spec.
@@ -219,6 +224,7 @@ class LeakageAudit(Strategy):
         on_round: Callable[[int], None] | None = None,
         normalize: tuple[Sequence[float], Sequence[float]] | None = None,
         malicious: dict[str, Any] | None = None,
+        text_model: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.strategy = strategy
@@ -226,7 +232,7 @@ class LeakageAudit(Strategy):
         weighted_by = str(getattr(strategy, "weighted_by_key", "num-examples"))
         self.writer = _writer(
             strategy, out, model, input_shape, num_classes, width, schedule_keys, "message",
-            weighted_by, normalize, malicious,
+            weighted_by, normalize, malicious, text_model,
         )  # fmt: skip
 
     def __repr__(self) -> str:

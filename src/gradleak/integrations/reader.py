@@ -43,6 +43,7 @@ class Capture:
     strategy: str
     started: str
     malicious: dict[str, Any] | None = None
+    text_model: dict[str, Any] | None = None  # checked by the text audit, which reads it
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,14 @@ def read_capture(folder: str | os.PathLike[str]) -> Capture:
         strategy=str(header.get("strategy", "")),
         started=str(header.get("started", "")),
         malicious=_malicious(header.get("malicious"), where),
+        text_model=_text_model(header.get("text_model"), where),
     )
+
+
+def _text_model(value: Any, where: str) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, dict):
+        raise DataError(f"{where}: 'text_model' must be a JSON object")
+    return value
 
 
 def _malicious(value: Any, where: str) -> dict[str, Any] | None:

@@ -16,6 +16,11 @@
 A rerun with the same settings finds demo.json, skips the simulation and
 resumes the audit; other settings, or captures without demo.json (a
 simulation that was cut short), are refused in one line.
+
+``--task text`` runs the same simulation path with the text apps
+(`text_apps.py`: federated LoRA fine-tuning of a built-in decoder, the
+clients' sentences saved as JSON ground truth), then the text audit
+(`experiments/audit/text.py`), which reads only the capture on disk.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any
 from gradleak.errors import ConfigError
 from gradleak.experiments.audit.report import DEMO_SETTINGS
 from gradleak.experiments.audit.run import AuditResult, AuditRun, run_audit
+from gradleak.experiments.audit.text import TextAuditResult, run_text_audit
 from gradleak.experiments.common import absolute_data_dir, cached_dataset
 from gradleak.experiments.flower_demo.settings import DemoRun
 from gradleak.integrations import missing_flower
@@ -51,11 +57,12 @@ RAY_TEMP_MAX = 40
 
 @dataclass(frozen=True)
 class DemoResult:
-    """What the command prints: the simulation's time and the audit."""
+    """What the command prints: the simulation's time and the audit (the text audit's for
+    ``--task text``)."""
 
     simulation_seconds: float
     simulated: bool
-    audit: AuditResult
+    audit: AuditResult | TextAuditResult
 
 
 def run_flower_demo(run: DemoRun, *, callback: ProgressCallback | None = None) -> DemoResult:
@@ -68,6 +75,8 @@ def run_flower_demo(run: DemoRun, *, callback: ProgressCallback | None = None) -
     out = prepare_out(run.out).resolve()
     if not _installed("flwr"):
         raise missing_flower()
+    if run.task == "text":
+        return _text_demo(replace(run, out=str(out)), out, callback)
     run = replace(run, out=str(out), data_dir=absolute_data_dir(run.data_dir))
     data = cached_dataset(run.dataset, run.data_dir)
     if len(data) // run.clients < run.batch_size:
@@ -92,30 +101,7 @@ def run_flower_demo(run: DemoRun, *, callback: ProgressCallback | None = None) -
     if not _verbose():
         logging.getLogger("flwr").setLevel(logging.ERROR)  # it logs every round at INFO
     settings = run.recorded() | {"dataset_size": len(data), "model_info": info.to_json()}
-    demo_file = run.captures / DEMO_SETTINGS
-    simulated = False
-    if demo_file.exists():
-        held = _read_settings(demo_file)
-        if held.get("settings") != settings:
-            raise ConfigError(
-                f"{run.out} holds a demo run with other settings; use another --out, or the same "
-                "settings to resume its audit"
-            )
-        seconds = float(held.get("simulation_seconds", 0.0))
-    elif run.captures.exists() and any(run.captures.iterdir()):
-        raise ConfigError(
-            f"{run.captures} holds captures of a simulation that did not finish; delete it or "
-            "use another --out"
-        )
-    else:
-        try:
-            seconds = _simulate(run, ray_temp, callback)
-        finally:
-            if Path(ray_temp).is_symlink():
-                Path(ray_temp).unlink()  # the short link to OUT/.ray (see _flower_environment)
-        simulated = True
-        payload = {"settings": settings, "simulation_seconds": round(seconds, 3)}
-        demo_file.write_text(json.dumps(payload, indent=1) + "\n")
+    seconds, simulated = _simulate_once(run, settings, ray_temp, callback)
     audit = run_audit(
         AuditRun(
             captures=str(run.captures),
@@ -132,11 +118,55 @@ def run_flower_demo(run: DemoRun, *, callback: ProgressCallback | None = None) -
     return DemoResult(seconds, simulated, audit)
 
 
+def _text_demo(run: DemoRun, out: Path, callback: ProgressCallback | None) -> DemoResult:
+    """`--task text`: simulate federated LoRA fine-tuning, then the text audit of its capture.
+
+    The audit reads only the files on disk (capture and the clients' saved sentences).
+    """
+    spec = run.text_spec()
+    ray_temp = _flower_environment(out)
+    from gradleak.integrations.flower import require_flower
+
+    require_flower()
+    if not _verbose():
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    settings = run.recorded() | {"text_model": spec.to_json()}
+    seconds, simulated = _simulate_once(run, settings, ray_temp, callback)
+    audit = run_text_audit(run.captures, out, command=run.command, callback=callback)
+    return DemoResult(seconds, simulated, audit)
+
+
+def _simulate_once(
+    run: DemoRun, settings: dict[str, Any], ray_temp: str, callback: ProgressCallback | None
+) -> tuple[float, bool]:
+    """Simulate unless OUT holds a finished run with the same settings; (seconds, simulated)."""
+    demo_file = run.captures / DEMO_SETTINGS
+    if demo_file.exists():
+        held = _read_settings(demo_file)
+        if held.get("settings") != settings:
+            raise ConfigError(
+                f"{run.out} holds a demo run with other settings; use another --out, or the same "
+                "settings to resume its audit"
+            )
+        return float(held.get("simulation_seconds", 0.0)), False
+    if run.captures.exists() and any(run.captures.iterdir()):
+        raise ConfigError(
+            f"{run.captures} holds captures of a simulation that did not finish; delete it or "
+            "use another --out"
+        )
+    try:
+        seconds = _simulate(run, ray_temp, callback)
+    finally:
+        if Path(ray_temp).is_symlink():
+            Path(ray_temp).unlink()  # the short link to OUT/.ray (see _flower_environment)
+    payload = {"settings": settings, "simulation_seconds": round(seconds, 3)}
+    demo_file.write_text(json.dumps(payload, indent=1) + "\n")
+    return seconds, True
+
+
 def _simulate(run: DemoRun, ray_temp: str, callback: ProgressCallback | None) -> float:
     """Flower's simulation engine on Ray, the server in this process, the clients as actors."""
     from flwr.simulation import run_simulation
-
-    from gradleak.experiments.flower_demo.apps import make_apps
 
     rounds = 0
 
@@ -148,7 +178,14 @@ def _simulate(run: DemoRun, ray_temp: str, callback: ProgressCallback | None) ->
 
     if callback is not None:
         callback("flower rounds", 0, run.rounds)  # the bar shows while Ray starts
-    server_app, client_app = make_apps(run, on_round)
+    if run.task == "text":
+        from gradleak.experiments.flower_demo.text_apps import make_text_apps
+
+        server_app, client_app = make_text_apps(run, run.text_spec(), on_round)
+    else:
+        from gradleak.experiments.flower_demo.apps import make_apps
+
+        server_app, client_app = make_apps(run, on_round)
     cpus = run.cpus or max(1, min(run.clients, cpu_count()))
     started = time.perf_counter()
     run_simulation(

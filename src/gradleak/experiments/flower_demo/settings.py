@@ -6,14 +6,21 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradleak.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gradleak.experiments.flower_demo.text_task import TextModelSpec
 
 DP_MODES = ("none", "server-fixed", "client-fixed", "local")
 MALICIOUS = ("none", "binning", "trap")  # "trap": the same weights-only binning, by its other name
 CAPTURES = "captures"
 MALICIOUS_SECAGG_LR = 10.0
+TASKS = ("image", "text")
+# The text task's defaults (`gradleak flower-demo --task text`): under a minute here, and every
+# round leaks, measured (README, "Federated fine-tuning of a language model").
+TEXT_DEFAULTS = {"model": "gpt2-tiny", "lr": 0.5, "local_steps": 3, "batch_size": 1, "rounds": 3}
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,12 @@ class DemoRun:
         malicious: "none", or "binning"/"trap": the server sends weights crafted to
             read the clients' images back (`attacks/imprint.py`) every round.
         guard: The clients run `ModelGuard`, refusing weights that look crafted.
+        task: "image" (the default) or "text": federated LoRA fine-tuning of a
+            built-in decoder (`model` then names it), clients holding private
+            sentences (`text_task.py`); `batch_size` is then sentences per round.
+        sentences_per_client: The text task's private sentences per client.
+        lora_rank: The text task's LoRA rank r.
+        lora_alpha: The text task's LoRA alpha.
     """
 
     clients: int = 4
@@ -74,8 +87,16 @@ class DemoRun:
     command: str = ""
     malicious: str = "none"
     guard: bool = False
+    task: str = "image"
+    sentences_per_client: int = 4
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "text":
+            self._check_text()
         for name in ("clients", "rounds", "local_steps", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -113,6 +134,30 @@ class DemoRun:
         if self.cpus is not None and self.cpus < 1:
             raise ConfigError(f"--cpus must be 1 or more, got {self.cpus}")
 
+    def _check_text(self) -> None:
+        """The text task runs plain FedAvg: Flower's privacy options and the image-only ones
+        are refused in one line, as are a LoRA rank or a split the model and sentences cannot
+        take (`text_task.text_spec`, `check_text_run`)."""
+        from gradleak.experiments.flower_demo.text_task import check_text_run, text_spec
+        from gradleak.experiments.text.batch import shipped_sentences
+
+        if self.flower_dp != "none" or self.secagg or self.malicious != "none" or self.guard:
+            raise ConfigError(
+                "--task text runs plain FedAvg: --flower-dp, --secagg, --malicious and --guard "
+                "go with --task image"
+            )
+        text_spec(self.model, seed=self.seed, rank=self.lora_rank, alpha=self.lora_alpha)
+        check_text_run(
+            shipped_sentences(), clients=self.clients,
+            per_client=self.sentences_per_client, batch_size=self.batch_size,
+        )  # fmt: skip
+
+    def text_spec(self) -> TextModelSpec:
+        """What the capture records of the text task's model (`text_task.TextModelSpec`)."""
+        from gradleak.experiments.flower_demo.text_task import text_spec
+
+        return text_spec(self.model, seed=self.seed, rank=self.lora_rank, alpha=self.lora_alpha)
+
     @property
     def captures(self) -> Path:
         return Path(self.out) / CAPTURES
@@ -136,5 +181,10 @@ class DemoRun:
             "flower_dp", "secagg", "dp_clipping_norm", "dp_noise_multiplier", "dp_epsilon",
             "dp_delta", "seed", "malicious", "guard",
         )  # fmt: skip
+        if self.task == "text":
+            keep = (
+                "task", "clients", "rounds", "model", "local_steps", "batch_size", "lr", "seed",
+                "sentences_per_client", "lora_rank", "lora_alpha",
+            )  # fmt: skip
         values = dataclasses.asdict(self)
         return {key: values[key] for key in keep}
