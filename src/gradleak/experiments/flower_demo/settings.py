@@ -14,6 +14,7 @@ DP_MODES = ("none", "server-fixed", "client-fixed", "local")
 MALICIOUS = ("none", "binning", "trap")  # "trap": the same weights-only binning, by its other name
 CAPTURES = "captures"
 MALICIOUS_SECAGG_LR = 10.0
+PUBLIC_IMAGES = 1000  # the dishonest server sets its bins on the split's last images
 
 
 @dataclass(frozen=True)
