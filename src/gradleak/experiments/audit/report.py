@@ -37,6 +37,9 @@ KEYS = (
 )  # fmt: skip
 
 
+STRIP_ROW = 16  # images in a row of the dishonest server's strip
+
+
 def frames_file(item: Any) -> str:
     return f"strips/{item.key}.npz"
 
@@ -474,7 +477,13 @@ def _render_strip(out: Path, row: Mapping[str, Any]) -> bool:
             f"\nMSE {row['mse']:.1e}, PSNR {row['psnr']:.1f} dB\n"
             f"SSIM {row['ssim']:.3f}, labels {row['label_accuracy']:.0%} right"
         )
-    save_strip_rows(out / strip_file(row["item"]), [("", frames)], title=title)
+    lines = [("", frames)]
+    if row.get("resolution") is not None and row.get("per_image_mse"):
+        # The dishonest server's strip: the private images reduced as its layers reduce
+        # them over what it read back (pairs, private first), two rows of at most 16.
+        shown = frames[: 2 * STRIP_ROW]
+        lines = [("private, reduced", shown[0::2]), ("read back", shown[1::2])]
+    save_strip_rows(out / strip_file(row["item"]), lines, title=title)
     return True
 
 

@@ -285,7 +285,7 @@ def audit_target(work: Work, spec: tuple[Item, tuple[Exchange, ...], bool], emit
 
 # An example the dishonest server's decoder gives back this close (MSE per pixel) is exact.
 EXACT_MSE = 1e-4
-MALICIOUS_SHOWN = 32  # images of a target in its strip
+MALICIOUS_SHOWN = 16  # images of a target in its strip (one row of them)
 
 
 def malicious_decoder(target: Target, plan: dict[str, Any]) -> tuple[Any, Any]:
