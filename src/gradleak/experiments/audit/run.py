@@ -254,7 +254,7 @@ def audit_target(work: Work, spec: tuple[Item, tuple[Exchange, ...], bool], emit
     result: Reconstruction | None = None
     counts = read_label_counts(target)
     if work.capture.malicious is not None:
-        row, shown = malicious_row(target, work.capture.malicious, time.perf_counter() - start)
+        row, shown = malicious_row(target, work.capture.malicious, start)
         strips = {} if shown is None else {report.frames_file(item): shown}
         emit(row | label_row(target, counts), strips)
         return
@@ -304,11 +304,12 @@ def malicious_decoder(target: Target, plan: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def malicious_row(
-    target: Target, plan: dict[str, Any], seconds: float
+    target: Target, plan: dict[str, Any], started: float
 ) -> tuple[dict[str, Any], bytes | None]:
     """What the dishonest server read from one reply (or aggregate) with the decoder it
     planned, at the resolution its crafted layers let through; and the strip's frames:
-    the private images reduced the same way beside what was read back."""
+    the private images reduced the same way beside what was read back; `started` is when
+    the task began (perf_counter)."""
     observation = target.observation
     if isinstance(observation, UpdateObservation):
         observation = one_step_gradient(observation)
@@ -320,6 +321,12 @@ def malicious_row(
     except AttackNotApplicable as failure:
         error = str(failure)
     why = "the dishonest server's decoder"
+    if front is not None and front.batchnorm and observation.batchnorm == "train":
+        why += (
+            " (train-mode BatchNorm: each channel comes back up to one affine map of the batch's "
+            "statistics, estimated from the server's own images, so not exact)"
+        )
+    seconds = time.perf_counter() - started  # rebuilding the decoder and decoding
     row = result_row(target, None, attack.name, why, seconds, error)
     row["resolution"] = "full" if front is None else front.resolution
     row["recovered_bins"] = None if read is None else len(read.inputs)
