@@ -392,10 +392,15 @@ def test_the_malicious_demo_passes_lenets_input_through_and_refuses_a_tampered_p
     assert sum(e["images_rebuilt"] for e in entries) >= 4
     assert "at 14x14 per colour of 2x2 block means" in (audit / "report.md").read_text()
     assert all((audit / e["strip"]).is_file() for e in entries)
-    # A plan changed in the header (another trap layer, a front the weights do not make):
-    # one line, exit 2, before any attack.
+    # A plan changed in the header (another trap layer, binning on LeNet's one Linear layer,
+    # a front or a resolution the weights do not make): one line, exit 2, before any attack.
     capsys.readouterr()  # Flower's own log of the run above
-    for change in ({"layer": "body.0"}, {"front": plan["front"] | {"kind": "pooled"}}):
+    for change in (
+        {"layer": "body.0"},
+        {"attack": "binning", "thresholds": [0.1, 0.2]},
+        {"front": plan["front"] | {"kind": "pooled"}},
+        {"front": plan["front"] | {"resolution": "28x28 per colour of 1x1 block pixels"}},
+    ):
         header_file.write_text(json.dumps(header | {"malicious": plan | change}))
         with pytest.raises(SystemExit) as exit_:
             main(["audit", str(run.captures), "--out", str(tmp_path / "tampered")])

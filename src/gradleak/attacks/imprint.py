@@ -356,9 +356,17 @@ def plan_from_json(
         AttackNotApplicable: The plan does not fit the weights: no such layer, or a front
             that does not carry the input through them.
     """
-    layer = str(value["layer"])
-    if not isinstance(dict(crafted.named_modules()).get(layer), nn.Linear):
-        raise AttackNotApplicable(f"the plan's trap layer '{layer}' is not a Linear layer here")
+    layer, linears = str(value["layer"]), _linears(crafted)
+    if value["attack"] == OutputRows.name and linears != [layer]:
+        raise AttackNotApplicable(f"the output rows need '{layer}' as the only Linear layer")
+    if value["attack"] == Binning.name and (
+        linears[:1] != [layer]
+        or len(linears) < 2
+        or len(value["thresholds"]) > crafted.get_submodule(layer).out_features
+    ):
+        raise AttackNotApplicable(
+            f"binning needs '{layer}' as the first of two Linear layers, with a unit per bin"
+        )
     shape = tuple(int(v) for v in value["input_shape"])
     spec = value.get("front")
     front = None if spec is None else rebuild_passthrough(crafted, layer, spec, shape)

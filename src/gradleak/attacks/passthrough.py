@@ -195,8 +195,11 @@ def rebuild_passthrough(
     if not convs or activation != spec["activation"]:
         raise _not_passed(f"the model's layers below '{trap_name}' are not the plan's")
     if spec["kind"] == "strided":
+        resolution = _strided_resolution(_block(convs, input_shape[0]), input_shape[1])
+        if norms or spec["batchnorm"] or resolution != spec["resolution"]:
+            raise _not_passed(f"the layers give {resolution} without BatchNorm; not the plan's")
         stages = _restrict([_stage(c, sizes[k][0]) for k, c in enumerate(convs)])
-        plan = PassThroughPlan("strided", spec["resolution"], input_shape, activation, stages)
+        plan = PassThroughPlan("strided", resolution, input_shape, activation, stages)
     else:
         plan = _probe_blocks(crafted, trap, convs[-1], {}, probe)
         if plan.resolution != spec["resolution"]:
@@ -278,10 +281,7 @@ def _strided(convs, norms, sizes, activation, public) -> PassThroughPlan:
     if norms:
         raise AttackNotApplicable("pass-through with strided convolutions and BatchNorm")
     colours, height = public.shape[1], public.shape[2]
-    total = int(torch.tensor([c.stride[0] for c in convs]).prod())
-    budget = min(c.out_channels for c in convs)
-    r = max(f for f in range(1, total + 1) if total % f == 0 and colours * f * f <= budget)
-    q = total // r
+    q = _block(convs, colours)
     lo, hi = float(public.min()), float(public.max())
     carried, remaining, stages = colours, q, []
     for k, conv in enumerate(convs):
@@ -317,10 +317,23 @@ def _strided(convs, norms, sizes, activation, public) -> PassThroughPlan:
     if remaining != 1:
         raise AttackNotApplicable("the strided layers cannot average the blocks this plan needs")
     stages = _restrict(stages)
-    side = height // q
-    what = "means" if q > 1 else "pixels"
-    resolution = f"{side}x{side} per colour of {q}x{q} block {what}"
+    resolution = _strided_resolution(q, height)
     return PassThroughPlan("strided", resolution, tuple(public.shape[1:]), activation, stages)
+
+
+def _block(convs: list[Conv], colours: int) -> int:
+    """The side q of the blocks the strided layers average: with total stride S and the
+    narrowest layer's B channels, r x r stride phases per colour (the largest r with
+    ``colours * r^2 <= B``) of ``q = S / r``."""
+    total = int(torch.tensor([c.stride[0] for c in convs]).prod())
+    budget = min(c.out_channels for c in convs)
+    r = max(f for f in range(1, total + 1) if total % f == 0 and colours * f * f <= budget)
+    return total // r
+
+
+def _strided_resolution(q: int, height: int) -> str:
+    what = "means" if q > 1 else "pixels"
+    return f"{height // q}x{height // q} per colour of {q}x{q} block {what}"
 
 
 def _stage(conv: Conv, side: int) -> tuple[torch.Tensor, torch.Tensor]:
