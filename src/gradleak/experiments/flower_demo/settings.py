@@ -11,7 +11,9 @@ from typing import Any
 from gradleak.errors import ConfigError
 
 DP_MODES = ("none", "server-fixed", "client-fixed", "local")
-MALICIOUS = ("none", "binning", "trap")  # "trap": the same weights-only binning, by its other name
+# "binning" and "trap" both send what `dishonest_attack` crafts for the model: binning with
+# two Linear layers, the output layer's rows with one, convolutions set to pass the input through.
+MALICIOUS = ("none", "binning", "trap")
 CAPTURES = "captures"
 MALICIOUS_SECAGG_LR = 10.0
 PUBLIC_IMAGES = 1000  # the dishonest server sets its bins on the split's last images
