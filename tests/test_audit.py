@@ -210,3 +210,21 @@ def test_the_scale_free_idlg_undoes_clipping(data_root: Path) -> None:
     result = attack(clipped, seed=0)
     assert int(result.labels[0]) == label
     assert float(((result.inputs.float() - image) ** 2).mean()) < 1e-6
+
+
+def test_a_scalar_that_comes_back_as_one_element_still_fits_the_model() -> None:
+    # Flower's reply holds BatchNorm's num_batches_tracked (a 0-d tensor) as shape (1,);
+    # the audit of a ConvNet demo refused every reply for it.  Any other shape is refused.
+    from gradleak.errors import DataError
+    from gradleak.experiments.audit.load import _fit
+
+    model = build_model("convnet", input_shape=(3, 32, 32), num_classes=10, width=4, seed=0)
+    arrays = {name: t.numpy()[None] if t.dim() == 0 else t.numpy()
+              for name, t in model.state_dict().items()}  # fmt: skip
+    counter = next(name for name in arrays if name.endswith("num_batches_tracked"))
+    fitted = _fit(model, {"arrays": arrays}, "reply")
+    assert fitted[counter].shape == () and fitted[counter].dtype == torch.long
+    model.load_state_dict(fitted, strict=True)
+    arrays[counter] = arrays[counter].repeat(2)
+    with pytest.raises(DataError, match="has shape"):
+        _fit(model, {"arrays": arrays}, "reply")

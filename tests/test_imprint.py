@@ -353,3 +353,57 @@ def test_the_guard_refuses_pass_through_weights_even_with_noise_on_unused_channe
     reasons = inspect_weights(crafted.state_dict())
     assert not any("all zero" in r for r in reasons)
     assert any("read almost nothing" in r for r in reasons)
+
+
+def test_the_malicious_demo_passes_lenets_input_through_and_refuses_a_tampered_plan(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # LeNet has one Linear layer: the server zeroes it (output rows) and sets the strided
+    # convolutions to carry 2x2 block means up to it; the audit rebuilds the decoder from the
+    # header's JSON plan and the weights the capture recorded.
+    pytest.importorskip("flwr", reason='needs pip install "gradleak[flower]"')
+    import json
+
+    from gradleak.cli import main
+    from gradleak.experiments.audit.run import AuditRun, run_audit
+    from gradleak.experiments.flower_demo.apps import make_client_app, serve
+    from gradleak.experiments.flower_demo.local import InProcessGrid
+    from gradleak.experiments.flower_demo.settings import DemoRun
+    from gradleak.integrations.capture import CAPTURE_FILE
+
+    run = DemoRun(
+        clients=2, rounds=1, dataset="mnist", model="lenet", batch_size=4, data_dir=str(data_root),
+        out=str(tmp_path / "run"), malicious="trap",
+    )  # fmt: skip
+    serve(InProcessGrid(make_client_app(run), run.clients), run)
+    header_file = run.captures / CAPTURE_FILE
+    header = json.loads(header_file.read_text())
+    plan = header["malicious"]
+    assert plan["attack"] == "output-rows" and plan["front"]["kind"] == "strided"
+    audit = tmp_path / "audit"
+    result = run_audit(AuditRun(captures=str(run.captures), out=str(audit), workers=1))
+    entries = result.summary["entries"]
+    assert len(entries) == 2 and all(e["resolution"].startswith("14x14") for e in entries)
+    # Exact against the originals reduced to 2x2 block means: every image alone in its class
+    # in its client's batch, and no other (measured: 4 of [0, 1, 2, 7], 0 of [1, 1, 8, 8]).
+    for e in entries:
+        alone = sum(1 for c in e["true_labels"] if e["true_labels"].count(c) == 1)
+        assert e["images_rebuilt"] == alone, e
+    assert sum(e["images_rebuilt"] for e in entries) >= 4
+    assert "at 14x14 per colour of 2x2 block means" in (audit / "report.md").read_text()
+    assert all((audit / e["strip"]).is_file() for e in entries)
+    # A plan changed in the header (another trap layer, binning on LeNet's one Linear layer,
+    # a front or a resolution the weights do not make): one line, exit 2, before any attack.
+    capsys.readouterr()  # Flower's own log of the run above
+    for change in (
+        {"layer": "body.0"},
+        {"attack": "binning", "thresholds": [0.1, 0.2]},
+        {"front": plan["front"] | {"kind": "pooled"}},
+        {"front": plan["front"] | {"resolution": "28x28 per colour of 1x1 block pixels"}},
+    ):
+        header_file.write_text(json.dumps(header | {"malicious": plan | change}))
+        with pytest.raises(SystemExit) as exit_:
+            main(["audit", str(run.captures), "--out", str(tmp_path / "tampered")])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+        assert "plan in the capture's header does not fit" in err, err

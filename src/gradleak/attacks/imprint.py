@@ -40,11 +40,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from gradleak.attacks.passthrough import PassThroughPlan, craft_passthrough
+from gradleak.attacks.passthrough import PassThroughPlan, craft_passthrough, rebuild_passthrough
 from gradleak.errors import AttackNotApplicable, ConfigError
 from gradleak.types import Observation, Reconstruction
 
@@ -55,6 +56,8 @@ __all__ = [
     "OutputRows",
     "RowsPlan",
     "dishonest_attack",
+    "plan_from_json",
+    "plan_to_json",
     "trap_layers",
     "with_imprint",
 ]
@@ -327,3 +330,47 @@ def with_imprint(
     """`model` behind an imprint block (the architecture a server that ships it may send)."""
     generator = torch.Generator().manual_seed(seed)
     return nn.Sequential(ImprintBlock(input_shape, bins, generator=generator), model)
+
+
+def plan_to_json(plan: BinningPlan | RowsPlan) -> dict[str, Any]:
+    """The plan as a capture header keeps it: JSON only (never pickle); the pass-through
+    front's maps are not stored, `plan_from_json` derives them from the weights sent."""
+    value: dict[str, Any] = {
+        "attack": Binning.name if isinstance(plan, BinningPlan) else OutputRows.name,
+        "layer": plan.layer,
+        "input_shape": list(plan.input_shape),
+        "front": None if plan.front is None else plan.front.to_json(),
+    }
+    if isinstance(plan, BinningPlan):
+        value["thresholds"] = list(plan.thresholds)
+    return value
+
+
+def plan_from_json(
+    value: dict[str, Any], crafted: nn.Module
+) -> tuple[Binning | OutputRows, BinningPlan | RowsPlan]:
+    """The decoder and its plan from a header's JSON (`plan_to_json`) and the crafted model
+    the server sent (as the capture recorded it).
+
+    Raises:
+        AttackNotApplicable: The plan does not fit the weights: no such layer, or a front
+            that does not carry the input through them.
+    """
+    layer, linears = str(value["layer"]), _linears(crafted)
+    if value["attack"] == OutputRows.name and linears != [layer]:
+        raise AttackNotApplicable(f"the output rows need '{layer}' as the only Linear layer")
+    if value["attack"] == Binning.name and (
+        linears[:1] != [layer]
+        or len(linears) < 2
+        or len(value["thresholds"]) > crafted.get_submodule(layer).out_features
+    ):
+        raise AttackNotApplicable(
+            f"binning needs '{layer}' as the first of two Linear layers, with a unit per bin"
+        )
+    shape = tuple(int(v) for v in value["input_shape"])
+    spec = value.get("front")
+    front = None if spec is None else rebuild_passthrough(crafted, layer, spec, shape)
+    if value["attack"] == OutputRows.name:
+        return OutputRows(), RowsPlan(layer, shape, front)
+    thresholds = tuple(float(t) for t in value["thresholds"])
+    return Binning(), BinningPlan(layer, thresholds, shape, front)

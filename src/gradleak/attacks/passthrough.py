@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ from torch import nn
 
 from gradleak.errors import AttackNotApplicable
 
-__all__ = ["PassThroughPlan", "craft_passthrough"]
+__all__ = ["PassThroughPlan", "craft_passthrough", "rebuild_passthrough"]
 
 Conv = nn.Conv2d
 BIAS_BN = 10.0  # BatchNorm's shift in the crafted layers: keeps standardised values above 0
@@ -78,6 +79,15 @@ class PassThroughPlan:
     slope: torch.Tensor | None = None
     fitted: torch.Tensor | None = None  # (used, 2): train-mode BatchNorm, fitted on public data
     batchnorm: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """What the server keeps of this plan beside the weights it sent (JSON, no tensors but
+        the train-mode fit): `rebuild_passthrough` derives the rest from those weights."""
+        fitted = None if self.fitted is None else self.fitted.tolist()
+        return {
+            "kind": self.kind, "resolution": self.resolution, "activation": self.activation,
+            "batchnorm": self.batchnorm, "fitted": fitted,
+        }  # fmt: skip
 
     def decode(self, features: torch.Tensor, batchnorm: str = "eval") -> torch.Tensor:
         """Images (full size, painted at the reduced resolution) from trap-layer inputs."""
@@ -163,6 +173,48 @@ def craft_passthrough(
     return plan
 
 
+@torch.no_grad()
+def rebuild_passthrough(
+    model: nn.Module, trap_name: str, spec: dict[str, Any], input_shape: tuple[int, ...]
+) -> PassThroughPlan:
+    """The decoder's plan again, from the crafted weights the server sent and `spec`
+    (`PassThroughPlan.to_json`): what a capture's header keeps, without tensors.
+
+    The strided family's linear maps are read off the crafted convolutions, the pooled
+    family's blocks probed through them; then the plan must carry random images through
+    the model at the stated resolution, as when it was crafted.
+
+    Raises:
+        AttackNotApplicable: The weights and `spec` do not make a plan that carries the
+            input through (weights or plan changed since the server crafted them).
+    """
+    crafted = copy.deepcopy(model)  # probing sets eval mode and must not touch the caller's
+    trap = crafted.get_submodule(trap_name)
+    probe = torch.rand(16, *input_shape, generator=torch.Generator().manual_seed(0))
+    convs, norms, sizes, activation = _layers_below(crafted, trap, probe)
+    if not convs or activation != spec["activation"]:
+        raise _not_passed(f"the model's layers below '{trap_name}' are not the plan's")
+    if spec["kind"] == "strided":
+        resolution = _strided_resolution(_block(convs, input_shape[0]), input_shape[1])
+        if norms or spec["batchnorm"] or resolution != spec["resolution"]:
+            raise _not_passed(f"the layers give {resolution} without BatchNorm; not the plan's")
+        stages = _restrict([_stage(c, sizes[k][0]) for k, c in enumerate(convs)])
+        plan = PassThroughPlan("strided", resolution, input_shape, activation, stages)
+    else:
+        plan = _probe_blocks(crafted, trap, convs[-1], {}, probe)
+        if plan.resolution != spec["resolution"]:
+            raise _not_passed(f"the weights give {plan.resolution}, the plan says otherwise")
+        fitted = spec.get("fitted")
+        fitted = None if fitted is None else torch.tensor(fitted, dtype=torch.float64)
+        if bool(norms) != bool(spec["batchnorm"]) or (
+            fitted is not None and fitted.shape != (len(plan.used), 2)
+        ):
+            raise _not_passed("the plan's BatchNorm fit does not match the weights")
+        plan = replace(plan, batchnorm=bool(norms), fitted=fitted)
+    _check(crafted, trap, plan, probe)
+    return plan
+
+
 def _layers_below(model: nn.Module, trap: nn.Linear, public: torch.Tensor):
     """The convolutions (in call order) below the trap, their BatchNorms, spatial sizes."""
     calls: list[nn.Module] = []
@@ -229,10 +281,7 @@ def _strided(convs, norms, sizes, activation, public) -> PassThroughPlan:
     if norms:
         raise AttackNotApplicable("pass-through with strided convolutions and BatchNorm")
     colours, height = public.shape[1], public.shape[2]
-    total = int(torch.tensor([c.stride[0] for c in convs]).prod())
-    budget = min(c.out_channels for c in convs)
-    r = max(f for f in range(1, total + 1) if total % f == 0 and colours * f * f <= budget)
-    q = total // r
+    q = _block(convs, colours)
     lo, hi = float(public.min()), float(public.max())
     carried, remaining, stages = colours, q, []
     for k, conv in enumerate(convs):
@@ -268,10 +317,23 @@ def _strided(convs, norms, sizes, activation, public) -> PassThroughPlan:
     if remaining != 1:
         raise AttackNotApplicable("the strided layers cannot average the blocks this plan needs")
     stages = _restrict(stages)
-    side = height // q
-    what = "means" if q > 1 else "pixels"
-    resolution = f"{side}x{side} per colour of {q}x{q} block {what}"
+    resolution = _strided_resolution(q, height)
     return PassThroughPlan("strided", resolution, tuple(public.shape[1:]), activation, stages)
+
+
+def _block(convs: list[Conv], colours: int) -> int:
+    """The side q of the blocks the strided layers average: with total stride S and the
+    narrowest layer's B channels, r x r stride phases per colour (the largest r with
+    ``colours * r^2 <= B``) of ``q = S / r``."""
+    total = int(torch.tensor([c.stride[0] for c in convs]).prod())
+    budget = min(c.out_channels for c in convs)
+    r = max(f for f in range(1, total + 1) if total % f == 0 and colours * f * f <= budget)
+    return total // r
+
+
+def _strided_resolution(q: int, height: int) -> str:
+    what = "means" if q > 1 else "pixels"
+    return f"{height // q}x{height // q} per colour of {q}x{q} block {what}"
 
 
 def _stage(conv: Conv, side: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -205,7 +205,8 @@ def add(commands: argparse._SubParsersAction) -> None:
         default="none",
         choices=("none", "binning", "trap"),
         help="a dishonest server: it sends weights crafted to read the clients' images back "
-        "(binning on the first Linear layer, weights only; use --model mlp)",
+        "(weights only: binning on the first Linear layer, or the output layer's rows when the "
+        "model has one Linear layer; convolutions below set to pass the input through)",
     )
     demo.add_argument(
         "--guard", action="store_true", help="the clients run ModelGuard, refusing crafted weights"

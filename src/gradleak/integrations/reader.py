@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,21 +119,56 @@ def _text_model(value: Any, where: str) -> dict[str, Any] | None:
 
 
 def _malicious(value: Any, where: str) -> dict[str, Any] | None:
-    """The demo's dishonest server's plan, checked: {"attack": "binning", "layer", "thresholds",
-    "input_shape"}."""
+    """The demo's dishonest server's plan, checked (`attacks.imprint.plan_to_json`):
+    {"attack": "binning" or "output-rows", "layer", "input_shape", "thresholds" (binning),
+    "front": null or the pass-through's {"kind", "resolution", "activation", "batchnorm",
+    "fitted"}}.  Whether it fits the weights sent is checked where they are read (the audit).
+    """
     if value is None:
         return None
     ok = (
-        isinstance(value, dict) and value.get("attack") == "binning"
+        isinstance(value, dict) and value.get("attack") in ("binning", "output-rows")
         and isinstance(value.get("layer"), str)
-        and isinstance(value.get("thresholds"), list)
-        and all(isinstance(t, int | float) for t in value["thresholds"])
         and isinstance(value.get("input_shape"), list)
-        and all(isinstance(v, int) and v > 0 for v in value["input_shape"])
+        and all(_count(v) for v in value["input_shape"])
+        and (value["attack"] != "binning" or _numbers(value.get("thresholds")))
+        and _front_ok(value.get("front"))
     )  # fmt: skip
     if not ok:
-        raise DataError(f"{where}: 'malicious' is not a binning plan gradleak wrote")
+        raise DataError(
+            f"{where}: 'malicious' is not a dishonest server's plan gradleak wrote; rerun the "
+            "demo into a new --out"
+        )
     return value
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _numbers(v: Any) -> bool:
+    return (
+        isinstance(v, list)
+        and bool(v)
+        and all(
+            isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) for t in v
+        )
+    )
+
+
+def _front_ok(front: Any) -> bool:
+    """The pass-through part of a plan: absent (null), or what `PassThroughPlan.to_json` wrote."""
+    if front is None:
+        return True
+    fitted = front.get("fitted") if isinstance(front, dict) else None
+    return (
+        isinstance(front, dict) and front.get("kind") in ("strided", "pooled")
+        and isinstance(front.get("resolution"), str)
+        and front.get("activation") in ("relu", "sigmoid")
+        and isinstance(front.get("batchnorm"), bool)
+        and (fitted is None or (isinstance(fitted, list) and all(
+            _numbers(pair) and len(pair) == 2 for pair in fitted)))
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

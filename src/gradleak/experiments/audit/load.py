@@ -328,7 +328,10 @@ def _fit(model: nn.Module, records: Records, where: str) -> dict[str, torch.Tens
             arrays = dict(zip(expected, arrays.values(), strict=True))  # Flower's positional names
         reason = _misfit(expected, arrays)
         if reason is None:
-            tensors = {name: torch.from_numpy(np.array(arrays[name])) for name in expected}
+            tensors = {
+                name: torch.from_numpy(np.array(arrays[name])).reshape(expected[name].shape)
+                for name in expected
+            }
             bad = next(
                 (
                     n
@@ -356,7 +359,8 @@ def _misfit(expected: dict[str, torch.Tensor], arrays: dict[str, Any]) -> str | 
         return f"an array '{extra[0]}' the model does not have"
     for name, tensor in expected.items():
         shape = tuple(np.shape(arrays[name]))
-        if shape != tuple(tensor.shape):
+        # A scalar (BatchNorm's num_batches_tracked) comes back from a client as one element.
+        if shape != tuple(tensor.shape) and not (tensor.dim() == 0 and shape == (1,)):
             return f"'{name}' has shape {shape}, the model {tuple(tensor.shape)}"
     return None
 

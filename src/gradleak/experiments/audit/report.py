@@ -32,9 +32,12 @@ KEYS = (
     "true_labels", "predicted_labels", "label_accuracy", "mse", "psnr", "ssim", "per_image_mse",
     "images_rebuilt", "per_image_psnr", "per_image_ssim", "images_recognisable",
     "label_counts_true", "label_counts_read", "histogram_error", "class_set_exact", "verdict",
-    "recovered_bins",
+    "recovered_bins", "resolution",
     "matching_loss", "converged", "iterations", "seconds", "strip", "leaked", "error",
 )  # fmt: skip
+
+
+STRIP_ROW = 16  # images in a row of the dishonest server's strip
 
 
 def frames_file(item: Any) -> str:
@@ -143,6 +146,7 @@ def verdict(summary: Mapping[str, Any]) -> list[str]:
         rebuilt = sum(e.get("images_rebuilt") or 0 for e in entries)
         total = sum(e["num_examples"] or 0 for e in entries)
         refused = sum(1 for note in summary["notes"] if "ModelGuard refused" in note)
+        front = summary["malicious"].get("front")
         if not summary["entries"] and not refused:
             lines.append(
                 "- **Nothing reached the server**: no client reply was recorded (under SecAgg+ "
@@ -150,8 +154,10 @@ def verdict(summary: Mapping[str, Any]) -> list[str]:
             )
         lines.append(
             "- **A DISHONEST SERVER**: this run's server sent weights crafted to read the "
-            f"clients' images back (binning on layer '{summary['malicious']['layer']}'): "
-            f"{rebuilt} of {total} private images read back exactly (MSE < 1e-4)"
+            f"clients' images back ({_dishonest(summary['malicious'])}): "
+            f"{rebuilt} of {total} private images read back exactly (MSE < 1e-4"
+            + ("" if front is None else f" at {front['resolution']}")
+            + ")"
             + (f"; {refused} client replies refused by ModelGuard" if refused else "")
             + "."
         )
@@ -168,6 +174,14 @@ def verdict(summary: Mapping[str, Any]) -> list[str]:
         f"- **What would have prevented it**: {_prevention(entries, summary['rebuilt_mse'])}"
     )
     return lines
+
+
+def _dishonest(plan: Mapping[str, Any]) -> str:
+    """The dishonest server's attack in words, from its plan."""
+    what = f"{plan['attack']} on layer '{plan['layer']}'"
+    if plan.get("front") is not None:
+        what += ", the convolutions below set to pass the input through"
+    return what
 
 
 def _round_verdict(here: list[dict], refused: list[dict], bar: float) -> str:
@@ -453,12 +467,23 @@ def _render_strip(out: Path, row: Mapping[str, Any]) -> bool:
     )
     read = _labels(row["predicted_labels"])
     title = f"round {row['round']}, {who}\n{row['method']}: labels read {read}"
-    if row.get("mse") is not None:
+    if row.get("resolution") is not None:  # the dishonest server's decoder
+        title = (
+            f"round {row['round']}, {who}\n{row['method']}: {row['images_rebuilt']} of "
+            f"{row['num_examples']} exact\nat {row['resolution']}"
+        )
+    elif row.get("mse") is not None:
         title += (
             f"\nMSE {row['mse']:.1e}, PSNR {row['psnr']:.1f} dB\n"
             f"SSIM {row['ssim']:.3f}, labels {row['label_accuracy']:.0%} right"
         )
-    save_strip_rows(out / strip_file(row["item"]), [("", frames)], title=title)
+    lines = [("", frames)]
+    if row.get("resolution") is not None and row.get("per_image_mse"):
+        # The dishonest server's strip: the private images reduced as its layers reduce
+        # them over what it read back (pairs, private first), two rows of at most 16.
+        shown = frames[: 2 * STRIP_ROW]
+        lines = [("private, reduced", shown[0::2]), ("read back", shown[1::2])]
+    save_strip_rows(out / strip_file(row["item"]), lines, title=title)
     return True
 
 
@@ -476,7 +501,8 @@ def _frames(out: Path, row: Mapping[str, Any]) -> list[tuple[str, torch.Tensor]]
         if len(originals):
             frames.append((f"private: {int(true[i])}", torch.from_numpy(originals[i])))
         mse = per_mse[i]
-        caption = f"read {int(label)}" + ("" if mse is None else f", {mse:.0e}")
+        read = "read" if int(label) < 0 else f"read {int(label)}"  # binning reads no label
+        caption = read + ("" if mse is None else f", {mse:.0e}")
         frames.append((caption, torch.from_numpy(image)))
     return frames
 

@@ -39,9 +39,9 @@ import torch
 import gradleak
 from gradleak import metrics
 from gradleak.attacks.auto import one_step_gradient
-from gradleak.attacks.imprint import Binning, BinningPlan
+from gradleak.attacks.imprint import plan_from_json
 from gradleak.attacks.labels import batch_labels, update_label_counts
-from gradleak.errors import AttackNotApplicable, ConfigError, GradleakError
+from gradleak.errors import AttackNotApplicable, ConfigError, DataError, GradleakError
 from gradleak.experiments.audit import report
 from gradleak.experiments.audit.choose import IG_TV_SCALE, METHODS, choose_attack
 from gradleak.experiments.audit.line import SIZES, find_line
@@ -189,6 +189,13 @@ def run_audit(run: AuditRun, *, callback: ProgressCallback | None = None) -> Aud
             problems.append(f"{error} (scores left null)")
             with_truth = False
         good.append((item, parts, with_truth))
+    if capture.malicious is not None and good:
+        # One line, before any attack, if the header's plan does not fit the weights sent.
+        malicious_decoder(
+            load_target(capture, by_sidecar, good[0][0], model, with_truth=False,
+                        schedule=run.schedule),
+            capture.malicious,
+        )  # fmt: skip
     out = prepare_out(run.out)
     with FolderLock(out):
         pin_run(out, _params(run, capture, model), pinned=PINNED)
@@ -247,8 +254,9 @@ def audit_target(work: Work, spec: tuple[Item, tuple[Exchange, ...], bool], emit
     result: Reconstruction | None = None
     counts = read_label_counts(target)
     if work.capture.malicious is not None:
-        row = malicious_row(target, work.capture.malicious, time.perf_counter() - start)
-        emit(row | label_row(target, counts), {})
+        row, shown = malicious_row(target, work.capture.malicious, start)
+        strips = {} if shown is None else {report.frames_file(item): shown}
+        emit(row | label_row(target, counts), strips)
         return
     if target.num_examples > run.max_examples:
         method, error = "labels", None
@@ -277,39 +285,90 @@ def audit_target(work: Work, spec: tuple[Item, tuple[Exchange, ...], bool], emit
 
 # An example the dishonest server's decoder gives back this close (MSE per pixel) is exact.
 EXACT_MSE = 1e-4
+MALICIOUS_SHOWN = 16  # images of a target in its strip (one row of them)
 
 
-def malicious_row(target: Target, plan: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """What the dishonest server read from one reply with the binning decoder it planned."""
+def malicious_decoder(target: Target, plan: dict[str, Any]) -> tuple[Any, Any]:
+    """The dishonest server's decoder and plan, from the header's JSON and the weights it sent.
+
+    Raises:
+        DataError: The plan does not fit the weights the capture recorded (a tampered header).
+    """
+    try:
+        return plan_from_json(plan, target.observation.model)
+    except AttackNotApplicable as failure:
+        raise DataError(
+            f"the dishonest server's plan in the capture's header does not fit the weights it "
+            f"sent ({failure}); the header was changed: rerun the demo into a new --out"
+        ) from None
+
+
+def malicious_row(
+    target: Target, plan: dict[str, Any], started: float
+) -> tuple[dict[str, Any], bytes | None]:
+    """What the dishonest server read from one reply (or aggregate) with the decoder it
+    planned, at the resolution its crafted layers let through; and the strip's frames:
+    the private images reduced the same way beside what was read back; `started` is when
+    the task began (perf_counter)."""
     observation = target.observation
     if isinstance(observation, UpdateObservation):
         observation = one_step_gradient(observation)
-    binning = BinningPlan(
-        str(plan["layer"]), tuple(float(t) for t in plan["thresholds"]),
-        tuple(int(v) for v in plan["input_shape"]),
-    )  # fmt: skip
-    error, recovered = None, None
+    attack, decoder = malicious_decoder(target, plan)
+    front = decoder.front
+    error, read = None, None
     try:
-        recovered = Binning().decode(observation, binning).inputs.detach().cpu().float()
+        read = attack.decode(observation, decoder)
     except AttackNotApplicable as failure:
         error = str(failure)
-    row = result_row(target, None, "binning", "the dishonest server's decoder", seconds, error)
-    row["recovered_bins"] = None if recovered is None else len(recovered)
-    if recovered is None or target.truth is None:
-        return row
+    why = "the dishonest server's decoder"
+    if front is not None and front.batchnorm and observation.batchnorm == "train":
+        why += (
+            " (train-mode BatchNorm: each channel comes back up to one affine map of the batch's "
+            "statistics, estimated from the server's own images, so not exact)"
+        )
+    seconds = time.perf_counter() - started  # rebuilding the decoder and decoding
+    row = result_row(target, None, attack.name, why, seconds, error)
+    row["resolution"] = "full" if front is None else front.resolution
+    row["recovered_bins"] = None if read is None else len(read.inputs)
+    if read is None or target.truth is None:
+        return row, None
+    recovered = read.inputs.detach().cpu().float()
     images, labels = target.truth
-    errors = ((recovered[:, None] - images[None]) ** 2).flatten(2).mean(-1)
-    best = errors.min(0).values
+    # Exact at the stated resolution: against the originals reduced the way the crafted
+    # convolutions reduce them (block means or maxima); at full resolution without a front.
+    reduced = images if front is None else front.reduce(images).float()
+    errors = ((recovered[:, None] - reduced[None]) ** 2).flatten(2).mean(-1)
+    best, which = errors.min(0)
     exact = int((best < EXACT_MSE).sum())
+    psnr = [metrics.psnr(recovered[j], reduced[i]) for i, j in enumerate(which.tolist())]
+    finite = [p for p in psnr if math.isfinite(p)]
     row |= {
         "true_labels": sorted(int(v) for v in labels),
         "per_image_mse": [finite_or_none(float(v)) for v in best],
         "mse": finite_or_none(float(best.mean())),
+        "psnr": finite_or_none(sum(finite) / len(finite)) if finite else None,
         "images_rebuilt": exact,
         "images_recognisable": exact,
-        "verdict": f"{exact} of {len(best)} images read back exactly by the dishonest server",
+        "verdict": f"{exact} of {len(best)} images read back exactly by the dishonest server"
+        + ("" if front is None else f" ({front.resolution})"),
     }
-    return row
+    if attack.name == "output-rows":  # the rows are classes: the labels come with them
+        read_labels = [int(v) for v in read.labels]
+        held = np.bincount(labels.numpy(), minlength=observation.num_classes)
+        found = np.bincount(np.array(read_labels, dtype=np.int64), minlength=len(held))
+        row["predicted_labels"] = sorted(read_labels)
+        # A class read once per class held (the rows do not count the examples in a class).
+        row["label_accuracy"] = float(np.minimum(held, found).sum() / len(labels))
+    shown = min(len(best), MALICIOUS_SHOWN)
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        recovered=recovered[which[:shown]].clamp(0, 1).numpy(),
+        labels=read.labels[which[:shown]].numpy().astype(np.int64),
+        originals=reduced[:shown].clamp(0, 1).numpy(),
+        true=labels[:shown].numpy().astype(np.int64),
+    )
+    return row, buffer.getvalue()
 
 
 def read_label_counts(target: Target) -> np.ndarray | None:

@@ -45,10 +45,10 @@ from flwr.serverapp.strategy import (
 )
 from torch import nn
 
-from gradleak.attacks.imprint import Binning
+from gradleak.attacks.imprint import dishonest_attack, plan_to_json
 from gradleak.data import ImageDataset
 from gradleak.experiments.common import cached_dataset
-from gradleak.experiments.flower_demo.settings import DemoRun
+from gradleak.experiments.flower_demo.settings import PUBLIC_IMAGES, DemoRun
 from gradleak.integrations.capture import PRIVATE_FOLDER, ModelInfo
 from gradleak.integrations.flower import LeakageAudit, LegacyLeakageAudit, ModelGuard
 from gradleak.models import build_model
@@ -212,21 +212,21 @@ class _LegacyClient(NumPyClient):
 # The dishonest server's own images of the domain, from which it sets the bins: the last ones
 # of the test split (clients may hold some of them too; the bins need only the domain's
 # statistics, not the clients' images).
-PUBLIC_IMAGES = 1000
 
 
 def crafted_weights(run: DemoRun, data: ImageDataset) -> tuple[nn.Module, dict[str, Any]]:
-    """The demo's dishonest server: the seeded model with binning weights, and the plan."""
+    """The demo's dishonest server: the seeded model with the weights `dishonest_attack` crafts
+    for it (binning, or the output layer's rows; convolutions below set to pass the input
+    through), and the plan as the capture's header keeps it (JSON).
+
+    Raises:
+        AttackNotApplicable: The model has no layer the attack can use (one line saying why).
+    """
     model = demo_model(run, data)
     start = max(0, len(data) - PUBLIC_IMAGES)
     public = torch.stack([data[i][0] for i in range(start, len(data))])
-    crafted, plan = Binning().craft(model, public)
-    return crafted, {
-        "attack": "binning",
-        "layer": plan.layer,
-        "thresholds": list(plan.thresholds),
-        "input_shape": list(plan.input_shape),
-    }
+    crafted, plan = dishonest_attack(model).craft(model, public)
+    return crafted, plan_to_json(plan)
 
 
 class CraftedWeights(Strategy):

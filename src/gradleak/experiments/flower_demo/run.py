@@ -41,7 +41,7 @@ from gradleak.experiments.audit.report import DEMO_SETTINGS
 from gradleak.experiments.audit.run import AuditResult, AuditRun, run_audit
 from gradleak.experiments.audit.text import TextAuditResult, run_text_audit
 from gradleak.experiments.common import absolute_data_dir, cached_dataset
-from gradleak.experiments.flower_demo.settings import DemoRun
+from gradleak.experiments.flower_demo.settings import PUBLIC_IMAGES, DemoRun
 from gradleak.integrations import missing_flower
 from gradleak.integrations.capture import ModelInfo
 from gradleak.outdir import prepare_out
@@ -91,9 +91,14 @@ def run_flower_demo(run: DemoRun, *, callback: ProgressCallback | None = None) -
     )
     info = ModelInfo(run.model, data.shape, data.num_classes, model.gradleak_spec.width)
     if run.malicious != "none":
-        from gradleak.attacks.imprint import trap_layers
+        import torch
 
-        trap_layers(model)  # one line, before Flower starts, if the model has no trap layer
+        from gradleak.attacks.imprint import dishonest_attack
+
+        # One line, before Flower starts, if the attack cannot use this model's layers.
+        public = torch.stack([data[i][0] for i in range(max(0, len(data) - PUBLIC_IMAGES),
+                                                        len(data))])  # fmt: skip
+        dishonest_attack(model).craft(model, public)
     ray_temp = _flower_environment(out)  # before Flower is imported: it reads them at import
     from gradleak.integrations.flower import require_flower
 

@@ -14,13 +14,16 @@ if TYPE_CHECKING:
     from gradleak.experiments.flower_demo.text_task import TextModelSpec
 
 DP_MODES = ("none", "server-fixed", "client-fixed", "local")
-MALICIOUS = ("none", "binning", "trap")  # "trap": the same weights-only binning, by its other name
+# "binning" and "trap" both send what `dishonest_attack` crafts for the model: binning with
+# two Linear layers, the output layer's rows with one, convolutions set to pass the input through.
+MALICIOUS = ("none", "binning", "trap")
 CAPTURES = "captures"
 MALICIOUS_SECAGG_LR = 10.0
 TASKS = ("image", "text")
 # The text task's defaults (`gradleak flower-demo --task text`): under a minute here, and every
 # round leaks, measured (README, "Federated fine-tuning of a language model").
 TEXT_DEFAULTS = {"model": "gpt2-tiny", "lr": 0.5, "local_steps": 3, "batch_size": 1, "rounds": 3}
+PUBLIC_IMAGES = 1000  # the dishonest server sets its bins on the split's last images
 
 
 @dataclass(frozen=True)
