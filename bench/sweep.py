@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,9 @@ def main() -> None:
     parser.add_argument("--mode", default="faithful")
     parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--out", default=None, help="folder for the runs (a temp dir)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the paths in turn this many times (median)"
+    )
     args = parser.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="gradleak-bench-sweep-"))
     gradleak = str(Path(sys.executable).with_name("gradleak"))
@@ -44,8 +48,9 @@ def main() -> None:
     base = [gradleak, "reproduce", "idlg", "--dataset", args.dataset, "--data-dir",
             args.data_dir, "--experiments", str(args.experiments), "--mode", args.mode]  # fmt: skip
     results: dict[str, dict] = {}
-    for path in args.paths.split(","):
-        out = root / path
+    runs = [(path, r) for r in range(args.rounds) for path in args.paths.split(",")]
+    for path, round_ in runs:
+        out = root / (path if args.rounds == 1 else f"{path}-{round_}")
         shutil.rmtree(out, ignore_errors=True)
         extra = {
             "workers-1": ["--workers", "1"],
@@ -66,7 +71,8 @@ def main() -> None:
                 subprocess.run([ray, "stop", "--force"], capture_output=True)
         if done.returncode != 0:
             raise SystemExit(f"{path} failed:\n{done.stderr}")
-        results[path] = {"wall": wall, "rows": rows(out)}
+        walls = results.get(path, {}).get("walls", []) + [wall]
+        results[path] = {"wall": statistics.median(walls), "walls": walls, "rows": rows(out)}
         print(f"{path}: {wall:.1f} s", flush=True)
     print_table(args, results)
 
@@ -101,7 +107,7 @@ def print_table(args: argparse.Namespace, results: dict[str, dict]) -> None:
     reference = results.get("workers-1")
     print(f"\n`reproduce idlg --dataset {args.dataset} --experiments {args.experiments} "
           f"--mode {args.mode}`, {os.cpu_count()} CPU cores\n")  # fmt: skip
-    print("| path | wall time | speed vs --workers 1 | same keys | same rows |")
+    print("| path | wall time (median) | speed vs --workers 1 | same keys | same rows |")
     print("|---|---|---|---|---|")
     for path, result in results.items():
         speed = f"{reference['wall'] / result['wall']:.2f}x" if reference else "n/a"
@@ -110,7 +116,8 @@ def print_table(args: argparse.Namespace, results: dict[str, dict]) -> None:
             keys = "yes" if result["rows"].keys() == reference["rows"].keys() else "NO"
             same = sum(result["rows"].get(k) == v for k, v in reference["rows"].items())
             rows_equal = f"{same}/{len(reference['rows'])}"
-        print(f"| {path} | {result['wall']:.1f} s | {speed} | {keys} | {rows_equal} |")
+        each = ", ".join(f"{w:.1f}" for w in result["walls"])
+        print(f"| {path} | {result['wall']:.1f} s ({each}) | {speed} | {keys} | {rows_equal} |")
 
 
 if __name__ == "__main__":

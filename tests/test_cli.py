@@ -140,11 +140,13 @@ def test_inverting_gradients_attacks_a_fedavg_update(tmp_path: Path) -> None:
     done = gradleak("attack", "--method", "ig", "--model", "convnet", "--width", "4",
                     "--batch-size", "2", "--local-steps", "2", "--local-batch", "1",
                     "--local-lr", "0.01", "--iterations", "20", "--tv-scale", "0.05",
-                    "--out", str(out), tmp_path=tmp_path)  # fmt: skip
+                    "--cores", "2", "--out", str(out), tmp_path=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr
     row = json.loads((out / "metrics.json").read_text())
     assert row["method"] == "ig" and row["shared"] == "update" and not row["labels_given"]
-    assert (row["local_steps"], row["local_batch"], row["iterations"]) == (2, 1, 20)
+    # Two trials at once (--cores 2): 20 steps each, the better kept.
+    assert (row["local_steps"], row["local_batch"], row["iterations"]) == (2, 1, 40)
+    assert row["restarts"] == 1 and row["config"]["parallel"] == 2
     assert len(row["per_image_psnr"]) == len(row["per_image_ssim"]) == 2
     assert row["config"]["iterations"] == 20 and row["config"]["tv_scale"] == 0.05
     assert (out / "reconstruction.png").read_bytes().startswith(b"\x89PNG")

@@ -213,6 +213,13 @@ def test_attack_presets_forced_counts_and_the_psnr_shown(tmp_path: Path) -> None
     default = _ig_config(AttackRun(method="ig"))
     assert (default.schedule, default.bn_prior) == ("plateau", 0.1)
     assert default.iterations == IGConfig().iterations  # the cap
+    # One trial by default; --cores N runs N trials at once.
+    assert (default.restarts, default.parallel) == (0, 1)
+    two, one = (_ig_config(AttackRun(method="ig", cores=n)) for n in (2, 1))
+    assert (two.restarts, two.parallel, one.restarts, one.parallel) == (1, 2, 0, 1)
+    assert _ig_config(AttackRun(method="ig", preset="paper", cores=2)).restarts == 0
+    with pytest.raises(ConfigError, match="--cores"):
+        AttackRun(method="ig", cores=0)
     forced = _ig_config(AttackRun(method="ig", iterations=40))
     assert (forced.schedule, forced.iterations) == ("step", 40)  # --iterations forces a count
     paper = _ig_config(AttackRun(method="ig", preset="paper"))
@@ -223,7 +230,9 @@ def test_attack_presets_forced_counts_and_the_psnr_shown(tmp_path: Path) -> None
         AttackRun(method="idlg", preset="paper")
 
     shown: list[tuple[int, float]] = []
-    run = AttackRun(method="ig", model="convnet", width=2, iterations=25, out=str(tmp_path))
+    run = AttackRun(
+        method="ig", model="convnet", width=2, iterations=25, cores=1, out=str(tmp_path)
+    )
     row = run_attack(run, on_psnr=lambda step, value: shown.append((step, value)))
     assert [step for step, _ in shown] == [25]
     assert row["iterations"] == 25 and row["config"]["schedule"] == "step"

@@ -358,3 +358,39 @@ def test_equal_seeds_give_equal_results_and_labels_can_be_given(mnist: ImageData
     assert given(observation, labels=torch.tensor([9, 9])).labels.tolist() == [9, 9]
     with pytest.raises(ConfigError):
         given(observation)
+
+
+@pytest.mark.parametrize("update", [False, True], ids=["fedsgd", "fedavg"])
+def test_parallel_restarts_give_the_sequential_result_bit_for_bit(
+    mnist: ImageDataset, update: bool
+) -> None:
+    # Train-mode BatchNorm, so that each thread's prior hooks its own model copy,
+    # and restarts whose trials end differently, so that the choice matters.
+    x, y = images(mnist, [5, 6])
+    model = relu_net(1, norm=True)
+    if update:
+        observation = observe_update(
+            model, x, y, local_steps=2, local_batch=1, local_lr=0.1, seed=0
+        )
+    else:
+        observation = observe(model, x, y)
+    config = IGConfig(iterations=12, window=4, restarts=2, bn_prior=0.1)
+    calls: dict[int, list[int]] = {}
+    results = {}
+    for parallel in (1, 2):
+        seen: list[int] = []
+        attack = InvertingGradients(config, parallel=parallel)
+        results[parallel] = attack(
+            observation, seed=5, callback=lambda s, _, seen=seen: seen.append(s)
+        )
+        calls[parallel] = seen
+    one, two = results[1], results[2]
+    assert torch.equal(one.inputs, two.inputs)
+    assert one.loss_history == two.loss_history
+    assert (one.steps, one.evaluations, one.restarts) == (two.steps, two.evaluations, 2)
+    assert [s.step for s in one.snapshots] == [s.step for s in two.snapshots]
+    assert len(one.loss_history) == one.steps + 3  # every step, then each trial's end
+    # The callback saw every step of every trial once, numbered across the trials.
+    assert calls[1] == calls[2] == list(range(one.steps))
+    with pytest.raises(ConfigError, match="parallel"):
+        IGConfig(parallel=0)

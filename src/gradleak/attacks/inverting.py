@@ -106,7 +106,10 @@ import contextlib
 import copy
 import dataclasses
 import math
+import queue
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -208,6 +211,11 @@ class IGConfig:
             prior) is kept.  breaching's configuration runs one trial
             (``num_trials: 1``), so the default is 0; the paper uses several
             restarts in some experiments.
+        parallel: Trials run at once, each on its own thread with its own copy
+            of the model (1: one after another).  Every trial's start is drawn
+            before any runs, in trial order, so the result is the sequential
+            one bit for bit; with ``restarts=1, parallel=2`` a second start
+            costs a second core rather than a second run's time.
         init: Where the dummies start: "randn" (standard normal, the paper's;
             the first projection boxes it into [0, 1]) or "midgray" (0.5 plus
             normal noise of std 0.01: a constant start would give equal
@@ -236,6 +244,7 @@ class IGConfig:
     bn_prior: float = 0.1
     feature_prior: float = 0.1
     restarts: int = 0
+    parallel: int = 1
     init: str = "randn"
     signed: bool = True
     labels: str = "infer"
@@ -261,7 +270,7 @@ class IGConfig:
         return cls(**settings)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "restarts", "window", "decays"):
+        for name in ("iterations", "restarts", "parallel", "window", "decays"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value:
                 raise ConfigError(f"{name} must be a whole number, got {value!r}")
@@ -277,6 +286,8 @@ class IGConfig:
                 raise ConfigError(f"{name} must be finite and 0 or more, got {value!r}")
         if self.restarts < 0:
             raise ConfigError(f"restarts must be 0 or more, got {self.restarts}")
+        if self.parallel < 1:
+            raise ConfigError(f"parallel must be 1 or more, got {self.parallel}")
         if self.window < 1 or self.decays < 0:
             raise ConfigError(
                 f"window must be 1 or more and decays 0 or more, got {self.window}, {self.decays}"
@@ -586,15 +597,8 @@ class InvertingGradients:
                 )
             else:
                 y = self.infer_labels(observation).to(device).long()
+            train = observation.batchnorm == "train"
             if update:
-                replica = _Replica(
-                    observation.model,
-                    observation.sent,
-                    observation.parameter_names,
-                    dtype,
-                    device,
-                    train=observation.batchnorm == "train",
-                )
                 observed = tuple(u.detach().to(device, dtype) for u in observation.update)
                 batches = attacker_batches(
                     count, observation.batch_size, observation.steps,
@@ -602,44 +606,48 @@ class InvertingGradients:
                 )  # fmt: skip
                 lr, client_optimizer = observation.local_lr, observation.optimizer
 
-                def produce(x: torch.Tensor, *, graph: bool) -> tuple[torch.Tensor, ...]:
-                    return simulate_update(
-                        replica, x, y, lr=lr, batches=batches, create_graph=graph,
-                        optimizer=client_optimizer,
+                def lane() -> _Lane:
+                    replica = _Replica(
+                        observation.model, observation.sent, observation.parameter_names,
+                        dtype, device, train=train,
                     )  # fmt: skip
+
+                    def produce(x: torch.Tensor, *, graph: bool) -> tuple[torch.Tensor, ...]:
+                        return simulate_update(
+                            replica, x, y, lr=lr, batches=batches, create_graph=graph,
+                            optimizer=client_optimizer,
+                        )  # fmt: skip
+
+                    return _Lane(produce, _priors(replica, config, train=train, batch=count))
             else:
-                replica = _Replica(
-                    observation.model,
-                    _model_state(observation.model),
-                    observation.parameter_names,
-                    dtype,
-                    device,
-                    train=observation.batchnorm == "train",
-                )
                 observed = tuple(g.detach().to(device, dtype) for g in observation.gradients)
 
-                def produce(x: torch.Tensor, *, graph: bool) -> tuple[torch.Tensor, ...]:
-                    return dummy_gradient(replica, x, y, create_graph=graph)
+                def lane() -> _Lane:
+                    replica = _Replica(
+                        observation.model, _model_state(observation.model),
+                        observation.parameter_names, dtype, device, train=train,
+                    )  # fmt: skip
 
+                    def produce(x: torch.Tensor, *, graph: bool) -> tuple[torch.Tensor, ...]:
+                        return dummy_gradient(replica, x, y, create_graph=graph)
+
+                    return _Lane(produce, _priors(replica, config, train=train, batch=count))
+
+            # Every start is drawn before any trial runs, in trial order: the
+            # same draws however many trials run at once.
             generator = torch.Generator().manual_seed(int(seed))
             shape = (count, *observation.input_shape)
+            starts = [config.initial_inputs(shape, generator) for _ in range(config.restarts + 1)]
+            trials = _run_trials(lane, observed, starts, config, device, callback)
             run = _Run()
-            statistics = _priors(
-                replica, config, train=observation.batchnorm == "train", batch=count
-            )
             best: tuple[float, torch.Tensor, tuple[Snapshot, ...]] | None = None
-            try:
-                for trial in range(config.restarts + 1):
-                    loss, x, snapshots = _trial(
-                        produce, observed, shape, config, generator, device, run, callback,
-                        statistics,
-                    )  # fmt: skip
-                    if best is None or _better(loss, best[0]):
-                        best = (loss, x, snapshots)
-                    run.restarts = trial
-            finally:
-                for prior, _ in statistics:
-                    prior.close()
+            for trial, (loss, x, snapshots, counted) in enumerate(trials):
+                run.steps += counted.steps
+                run.evaluations += counted.evaluations
+                run.history.extend(counted.history)
+                if best is None or _better(loss, best[0]):
+                    best = (loss, x, snapshots)
+                run.restarts = trial
             assert best is not None
             loss, x, snapshots = best
             shared = observation.update if update else observation.gradients
@@ -666,6 +674,101 @@ class _Run:
 
 
 Producer = Callable[..., tuple[torch.Tensor, ...]]
+Trial = tuple[float, torch.Tensor, tuple[Snapshot, ...], _Run]
+
+
+@dataclasses.dataclass
+class _Lane:
+    """What one thread of trials needs to itself: its model copy's objective and priors."""
+
+    produce: Producer
+    statistics: list[tuple[BatchNormStatistics, float]]
+
+    def close(self) -> None:
+        for prior, _ in self.statistics:
+            prior.close()
+
+
+def _run_trials(
+    lane: Callable[[], _Lane],
+    observed: tuple[torch.Tensor, ...],
+    starts: Sequence[torch.Tensor],
+    config: IGConfig,
+    device: torch.device,
+    callback: StepCallback | None,
+) -> list[Trial]:
+    """Every trial from its start, `config.parallel` at a time; results in trial order.
+
+    Each thread gets its own lane: the BatchNorm priors hook the model copy,
+    so two trials must never share one.  A trial computes exactly what it
+    computes alone (one intra-op thread each, its own counters), so the
+    results are the sequential ones bit for bit.  The callback sees every
+    trial's steps, numbered across all trials, one call at a time.
+    """
+    if config.parallel == 1 or len(starts) == 1:
+        shared = _Run()  # the callback's step numbers run on across trials
+        results = []
+        current = lane()
+        try:
+            for start in starts:
+                mark = (shared.steps, shared.evaluations, len(shared.history))
+                loss, x, snapshots = _trial(
+                    current.produce, observed, start, config, device, shared, callback,
+                    current.statistics,
+                )  # fmt: skip
+                counted = _Run(
+                    steps=shared.steps - mark[0],
+                    evaluations=shared.evaluations - mark[1],
+                    history=shared.history[mark[2] :],
+                )
+                results.append((loss, x, snapshots, counted))
+        finally:
+            current.close()
+        return results
+    lock = threading.Lock()
+    total = [0]
+    told = None
+    if callback is not None:
+        # One call at a time, numbered across the trials; `on_inputs` too.
+        def told(step: int, loss: float) -> None:
+            with lock:
+                callback(total[0], loss)
+                total[0] += 1
+
+        preview = getattr(callback, "on_inputs", None)
+        if preview is not None:
+
+            def shown(step: int, x: torch.Tensor) -> None:
+                with lock:
+                    preview(total[0], x)
+
+            told.on_inputs = shown  # type: ignore[attr-defined]
+    lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
+    made = [lane() for _ in range(min(config.parallel, len(starts)))]
+    for item in made:
+        lanes.put(item)
+    threads = torch.get_num_threads()
+
+    def one(start: torch.Tensor) -> Trial:
+        torch.set_num_threads(threads)  # a new thread: the attack's thread count
+        current = lanes.get()
+        try:
+            counted = _Run()
+            loss, x, snapshots = _trial(
+                current.produce, observed, start, config, device, counted, told,
+                current.statistics,
+            )  # fmt: skip
+            return loss, x, snapshots, counted
+        finally:
+            lanes.put(current)
+
+    try:
+        with ThreadPoolExecutor(max_workers=len(made), thread_name_prefix="ig-trial") as pool:
+            return list(pool.map(one, starts))
+    finally:
+        for item in made:
+            item.close()
+
 
 PREVIEW_EVERY = 25  # steps between the dummies shown to a callback's ``on_inputs``
 
@@ -673,22 +776,21 @@ PREVIEW_EVERY = 25  # steps between the dummies shown to a callback's ``on_input
 def _trial(
     produce: Producer,
     observed: tuple[torch.Tensor, ...],
-    shape: tuple[int, ...],
+    start: torch.Tensor,
     config: IGConfig,
-    generator: torch.Generator,
     device: torch.device,
     run: _Run,
     callback: StepCallback | None,
     statistics: Sequence[tuple[BatchNormStatistics, float]] = (),
 ) -> tuple[float, torch.Tensor, tuple[Snapshot, ...]]:
-    """One trial from a fresh draw: (signed) Adam, boxed, until the schedule ends it.
+    """One trial from `start` (a fresh draw): (signed) Adam, boxed, until the schedule ends it.
 
     A callback with an ``on_inputs(step, x)`` method is also shown the dummies
     every ``PREVIEW_EVERY`` steps (the CLI's bar shows their PSNR where it
     knows the truth).
     """
-    # Draw on the CPU so that a seed means the same start on every device.
-    x = config.initial_inputs(shape, generator).to(device, config.torch_dtype)
+    # Drawn on the CPU so that a seed means the same start on every device.
+    x = start.to(device, config.torch_dtype)
     x.requires_grad_(True)
     optimiser = torch.optim.Adam([x], lr=config.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
