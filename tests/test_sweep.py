@@ -21,7 +21,7 @@ import pytest
 
 from gradleak.errors import ConfigError, DataError
 from gradleak.sweep.executors import InProcess, Processes, make_executor
-from gradleak.sweep.runner import MIN_GROUPS, Group, SweepIncomplete, balanced, chunked, run_sweep
+from gradleak.sweep.runner import Group, SweepIncomplete, run_sweep
 from gradleak.sweep.store import FolderLock, ResultsStore, pin_run, read_results
 
 TIMING = {"seconds"}
@@ -162,26 +162,6 @@ def test_a_group_cut_short_is_rerun_whole_and_written_once(tmp_path: Path) -> No
     assert len(calls) == 2  # nothing left to do
 
 
-def test_small_plans_are_cut_into_near_equal_pieces_and_large_ones_are_not() -> None:
-    # A large plan keeps `--chunk` pieces as before.
-    assert balanced(range(40), 8) == chunked(range(40), 8)
-    # 24 experiments at 16 were 16 + 8 (one worker idle for half the run).
-    assert [len(p) for p in balanced(range(24), 16)] == [6, 6, 6, 6]
-    assert [len(p) for p in balanced(range(10), 16)] == [3, 3, 2, 2]
-    assert [len(p) for p in balanced(range(3), 16)] == [1, 1, 1]
-    assert [len(p) for p in balanced(range(6), 2)] == [2, 2, 1, 1]  # the CLI runs below
-    # Two methods per piece: two pieces already make MIN_GROUPS groups.
-    assert [len(p) for p in balanced(range(24), 16, per_piece=2)] == [16, 8]
-    assert [len(p) for p in balanced(range(12), 16, per_piece=2)] == [6, 6]
-    assert balanced(range(24), 16, per_piece=MIN_GROUPS) == chunked(range(24), 16)
-    for n in range(1, 30):
-        for size in (1, 3, 16):
-            pieces = balanced(range(n), size)
-            assert [i for p in pieces for i in p] == list(range(n))  # consecutive, all, once
-            assert max(len(p) for p in pieces) <= size
-            assert len(pieces) >= min(n, MIN_GROUPS)
-
-
 def test_workers_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="--workers must be 1 or more"):
         make_executor(0)
@@ -223,8 +203,6 @@ def one_worker_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def test_two_workers_give_the_rows_of_one(
     one_worker_run: Path, data_root: Path, tmp_path: Path
 ) -> None:
-    # Six experiments at --chunk 2 are cut finer, into four groups (2, 2, 1, 1:
-    # `balanced`): the same plan for one worker and for two.
     done = cli(*reproduce_args(data_root, tmp_path, "--workers", "2"))
     assert done.returncode == 0, done.stderr
     reference = rows_by_key(one_worker_run)

@@ -156,37 +156,6 @@ def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), max(1, size))]
 
 
-# The fewest groups a plan is cut into where its items allow: twice the two
-# workers of a two-core machine, so that both stay busy to the end.  A
-# constant, never the number of workers, so that the plan (and so every row)
-# is the same however many workers run it.
-MIN_GROUPS = 4
-
-
-def balanced(items: Sequence[Any], size: int, *, per_piece: int = 1) -> list[Sequence[Any]]:
-    """`items` cut into consecutive pieces of at most `size`, enough to keep workers busy.
-
-    A plan with fewer groups than workers leaves a worker idle, and one with
-    a few groups of unequal size leaves one idle for most of the run (24
-    experiments in groups of 16 and 8 ran as long on two workers as on one).
-    So where `chunked` would make fewer than `MIN_GROUPS` groups (each piece
-    becoming `per_piece` groups: one per method or cell), the items are cut
-    into near-equal pieces instead, as many as make `MIN_GROUPS` groups, one
-    item each at the least.  The pieces depend on the arguments alone.
-    """
-    pieces = chunked(items, size)
-    if len(pieces) * per_piece >= MIN_GROUPS:
-        return pieces
-    count = min(len(items), -(-MIN_GROUPS // max(1, per_piece)))
-    if count <= len(pieces):
-        return pieces
-    base, extra = divmod(len(items), count)
-    bounds = [0]
-    for i in range(count):
-        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
-    return [items[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-
-
 def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

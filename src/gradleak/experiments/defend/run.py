@@ -51,7 +51,7 @@ from gradleak.experiments.defend.protocol import (
 from gradleak.experiments.defend.store import Store
 from gradleak.outdir import prepare_out
 from gradleak.sweep.executors import make_executor
-from gradleak.sweep.runner import Emit, Group, balanced, run_sweep
+from gradleak.sweep.runner import Emit, Group, chunked, run_sweep
 from gradleak.sweep.store import FolderLock
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def attack_plan(run: DefendRun, configs: list[Config]) -> list[Group]:
     return [
         Group(tuple((*c, e, method) for c, e in part), (method, tuple(part)))
         for method in METHODS
-        for part in balanced(victims, run.chunk, per_piece=len(METHODS))
+        for part in chunked(victims, run.chunk)
     ]
 
 

@@ -44,7 +44,7 @@ from gradleak.experiments.common import (
 from gradleak.experiments.dlg_batch import report
 from gradleak.outdir import prepare_out
 from gradleak.sweep.executors import make_executor
-from gradleak.sweep.runner import Emit, Group, balanced, run_sweep
+from gradleak.sweep.runner import Emit, Group, chunked, run_sweep
 from gradleak.sweep.store import RESULTS, FolderLock, ResultsStore, pin_run, read_results
 from gradleak.threat import observe
 from gradleak.types import Observation, Reconstruction
@@ -258,7 +258,7 @@ def run_reproduce_batch(
             groups = [
                 Group(tuple((size, e, method) for e in part), (size, method, tuple(part)))
                 for method in run.methods
-                for part in balanced(range(run.experiments), run.chunk, per_piece=len(run.methods))
+                for part in chunked(range(run.experiments), run.chunk)
             ]
             try:
                 run_sweep(store, groups, attack_group, work, executor, on_row=on_row,

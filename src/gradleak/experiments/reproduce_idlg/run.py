@@ -39,7 +39,7 @@ from gradleak.experiments.reproduce_idlg.protocol import (
 from gradleak.models import build_model
 from gradleak.outdir import prepare_out
 from gradleak.sweep.executors import make_executor
-from gradleak.sweep.runner import Emit, Group, balanced, run_sweep
+from gradleak.sweep.runner import Emit, Group, chunked, run_sweep
 from gradleak.sweep.store import RESULTS, FolderLock, ResultsStore, pin_run
 from gradleak.types import Reconstruction
 
@@ -150,9 +150,6 @@ def plan(
 ) -> list[Group]:
     """The dataset's groups: consecutive experiments, `--chunk` at a time, both methods.
 
-    A small run is cut finer, into at least `MIN_GROUPS` near-equal groups
-    (`sweep.runner.balanced`), so that both cores work on it to the end.
-
     A group's victims are built once and attacked by each method in turn (one
     batch per method), sharing their closed-form start where the methods'
     labels agree.  Groups depend on the run's settings only (see
@@ -160,7 +157,7 @@ def plan(
     """
     size = _fitting_chunk(run.chunk, input_shape, classes)
     groups = []
-    for part in balanced(range(run.experiments), size):
+    for part in chunked(range(run.experiments), size):
         keys = tuple((e, method) for method in METHODS for e in part)
         groups.append(Group(keys, tuple(part)))
     return groups

@@ -98,7 +98,7 @@ from gradleak.experiments.train.run import TrainRun, run_train, split_indices
 from gradleak.models import build_model, read_metadata
 from gradleak.outdir import prepare_out
 from gradleak.sweep.executors import make_executor
-from gradleak.sweep.runner import Emit, Group, balanced, run_sweep
+from gradleak.sweep.runner import Emit, Group, chunked, run_sweep
 from gradleak.sweep.store import (
     RESULTS,
     RUN,
@@ -488,7 +488,7 @@ def plan(run: IGRun) -> list[Group]:
     cells = sorted(run.cells, key=lambda c: c.batch_size * (1 + c.local_steps), reverse=True)
     return [
         Group(tuple((*cell, e) for e in part), (cell, tuple(part)))
-        for part in balanced(range(run.experiments), run.chunk, per_piece=len(cells))
+        for part in chunked(range(run.experiments), run.chunk)
         for cell in cells
     ]
 
