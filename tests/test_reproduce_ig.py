@@ -224,3 +224,34 @@ def test_other_settings_on_the_same_out_are_refused(
     assert ig(data_root, out, "--weights", "untrained", "--iterations", "6") == 2
     assert "other settings (iterations 5 -> 6)" in capsys.readouterr().err
     assert read_rows(out / "results.jsonl") == lines(small_run)
+
+
+def test_the_default_table_fits_its_time_budget() -> None:
+    default = ig_run.IGRun()
+    # The paper's axes stay: both datasets and weights, B = 1 against batches, K = 1 against 4.
+    assert default.datasets == ("mnist", "cifar100") and default.weights == ("untrained", "trained")
+    assert default.batch_sizes == (1, 4, 8) and default.local_steps == (1, 4)
+    assert default.experiments >= 2
+    assert (default.epochs("mnist"), default.epochs("cifar100")) == (1, 8)
+    assert ig_run.IGRun(train_epochs=3).epochs("cifar100") == 3
+    # Image passes per evaluation, by hand: B for a gradient, K * max(1, B // 2) for an update.
+    passes = {(b, k): ig_run.image_passes(ig_run.Cell("mnist", "trained", b, k))
+              for b in (1, 4, 8) for k in (1, 4)}  # fmt: skip
+    assert passes == {(1, 1): 1, (1, 4): 4, (4, 1): 4, (4, 4): 8, (8, 1): 8, (8, 4): 16}
+    sizes = {"mnist": 10_000, "cifar100": 916}
+    seconds = ig_run.estimated_seconds(default, sizes)
+    assert seconds <= ig_run.DEFAULT_BUDGET_S
+    # A slow reference: every cell's every experiment, at the measured rate, over two cores.
+    attacks = sum(
+        default.experiments * default.iterations * ig_run.image_passes(cell)
+        * ig_run.SECONDS_PER_IMAGE_PASS[cell.dataset]
+        for cell in default.cells
+    )  # fmt: skip
+    training = (
+        8_000 * 1 * ig_run.TRAIN_SECONDS_PER_IMAGE_EPOCH["mnist"]
+        + 732 * 8 * (ig_run.TRAIN_SECONDS_PER_IMAGE_EPOCH["cifar100"])
+    )
+    assert seconds == pytest.approx(training + attacks / ig_run.DEFAULT_CORES)
+    # The former defaults (width 32, 8 experiments, 300 steps, 4 epochs) were hours.
+    old = ig_run.IGRun(width=32, experiments=8, iterations=300, train_epochs=4)
+    assert ig_run.estimated_seconds(old, sizes) > 5 * 3600

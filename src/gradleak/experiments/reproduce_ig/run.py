@@ -12,7 +12,8 @@ in each.
   init); "trained": one model per dataset, trained by this command before any
   attack with `gradleak train`'s recipe (`experiments/train/run.py`: Adam,
   80/20 seeded split of the test split at hand, `--train-epochs`,
-  `--train-limit`) into ``OUT/<dataset>-<model>.safetensors``; a rerun finds
+  `--train-limit`; `--train-epochs` defaults per dataset, `TRAIN_EPOCHS`) into
+  ``OUT/<dataset>-<model>.safetensors``; a rerun finds
   the file and reuses it (its header must say it was trained with these
   settings).  Its test accuracy (on the other 20%) goes into the report.
 * K = 1: the client shares the gradient of its whole batch (FedSGD,
@@ -27,14 +28,15 @@ in each.
   computes the gradient in eval mode, and so do the peers' figures) or
   "train" (BatchNorm normalises with the client's batch statistics, as a
   client that calls ``model.train()``; `gradleak attack`'s default).
-* The model: `convnet` at `--width` 32 (breaching's ConvNet width).  The
+* The model: `convnet` at `--width` 16 (breaching's ConvNet width is 32, a
+  step there costs about four times as much: `bench/ig_table_cost.py`).  The
   width decides how much the gradient holds: on the same 16 trained
   CIFAR-100 victims (one image, one step, eval mode) width 8 gave 11.6 dB
   mean at 500 steps, width 32 18.7 dB at 300 (README, "An Inverting Gradients
   table").
 * The attack: `InvertingGradients` (cosine distance + total variation, signed
   Adam at 0.1 with step decay, boxed pixels, one trial), `--iterations` steps
-  (default 300: the paper's 24,000 would take days for the table on a CPU;
+  (default 200: the paper's 24,000 would take days for the table on a CPU;
   the step decay follows the run's length), TV scale `--tv-scale` (default
   0.2, the attack's own, breaching's ImageNet value; breaching's CIFAR
   notebooks use 1e-3 and 5e-4 with 24,000 steps.  In 2,000 steps 0.2 scored
@@ -116,6 +118,8 @@ __all__ = [
     "MODELS",
     "WEIGHTS",
     "IGRun",
+    "estimated_seconds",
+    "image_passes",
     "local_batch",
     "parse_names",
     "parse_counts",
@@ -129,6 +133,21 @@ DATASETS = ("mnist", "cifar100")
 WEIGHTS = ("untrained", "trained")
 MODELS = ("convnet", "resnet18")
 PAPER_ITERATIONS = 24_000
+# Epochs of each dataset's trained model when --train-epochs is not given: one
+# pass over MNIST's 8,000 training images already gives ~96% (width 16); the
+# 732 CIFAR-100 images need more passes to be more than chance.
+TRAIN_EPOCHS = {"mnist": 1, "cifar100": 8}
+# The defaults' time: seconds of one core per image pass (an image through the
+# model and the double backward of one objective evaluation) at width 16,
+# measured with `bench/ig_table_cost.py` (BENCHMARKS.md) on this 2-core
+# machine under its usual load (another agent's job beside it); a pass costs
+# about (width / 16) ** 2 of it.  The plain `reproduce ig` must finish within
+# DEFAULT_BUDGET_S on DEFAULT_CORES workers (the issue: under an hour, aim 40
+# minutes), training included (TRAIN_SECONDS_PER_IMAGE_EPOCH, same source).
+SECONDS_PER_IMAGE_PASS = {"mnist": 0.030, "cifar100": 0.042}
+TRAIN_SECONDS_PER_IMAGE_EPOCH = {"mnist": 0.011, "cifar100": 0.016}
+DEFAULT_BUDGET_S = 40 * 60
+DEFAULT_CORES = 2
 SEEDING = (
     "numpy SeedSequence([seed, dataset_id, batch_size, experiment]).spawn(4) -> image choice "
     "(from the held-out 20%), untrained model init, client order, attack dummy; dataset_id = "
@@ -194,7 +213,7 @@ class IGRun:
         local_lr: The FedAvg client's SGD learning rate (K > 1).
         tv_scale: Weight of the attack's total-variation prior.
         batchnorm: The clients' mode, "train" or "eval" (see the module docstring).
-        train_epochs: Epochs of the trained model.
+        train_epochs: Epochs of the trained model (None: `TRAIN_EPOCHS` of its dataset).
         train_limit: Train on only this many images of the split's permutation
             (None: all; for quick runs and tests).
         data_dir: Folder with the datasets' files (None: the default).
@@ -211,14 +230,14 @@ class IGRun:
     weights: tuple[str, ...] = WEIGHTS
     batch_sizes: tuple[int, ...] = (1, 4, 8)
     local_steps: tuple[int, ...] = (1, 4)
-    experiments: int = 8
-    iterations: int = 300
+    experiments: int = 2
+    iterations: int = 200
     model: str = "convnet"
-    width: int = 32
+    width: int = 16
     local_lr: float = 1e-3
     tv_scale: float = 0.2
     batchnorm: str = "eval"
-    train_epochs: int = 4
+    train_epochs: int | None = None
     train_limit: int | None = None
     data_dir: str | None = None
     seed: int = 0
@@ -250,7 +269,8 @@ class IGRun:
             )
         if self.width < 1:
             raise ConfigError(f"--width must be 1 or more, got {self.width}")
-        if min(self.experiments, self.chunk, self.iterations, self.train_epochs) < 1:
+        epochs = 1 if self.train_epochs is None else self.train_epochs
+        if min(self.experiments, self.chunk, self.iterations, epochs) < 1:
             raise ConfigError(
                 "--experiments, --chunk, --iterations and --train-epochs must be 1 or more"
             )
@@ -267,6 +287,10 @@ class IGRun:
                 f"--train-limit must be 10 or more (80% to train on, 20% to test), "
                 f"got {self.train_limit}"
             )
+
+    def epochs(self, dataset: str) -> int:
+        """Epochs of `dataset`'s trained model: `train_epochs`, or the dataset's default."""
+        return TRAIN_EPOCHS[dataset] if self.train_epochs is None else self.train_epochs
 
     @property
     def cells(self) -> list[Cell]:
@@ -493,6 +517,41 @@ def plan(run: IGRun) -> list[Group]:
     ]
 
 
+def image_passes(cell: Cell) -> int:
+    """Images through the model in one evaluation of a cell's objective (one victim, one step).
+
+    K = 1: the B images of the gradient; K > 1: K local steps of
+    `local_batch(B)` images each (the unrolled client).  An attack step's
+    cost is about proportional to it (`bench/ig_table_cost.py`).
+    """
+    if cell.local_steps == 1:
+        return cell.batch_size
+    return cell.local_steps * local_batch(cell.batch_size)
+
+
+def estimated_seconds(run: IGRun, sizes: Mapping[str, int], cores: int = DEFAULT_CORES) -> float:
+    """The run's wall time on `cores` workers, from `SECONDS_PER_IMAGE_PASS`: a plan's estimate.
+
+    Sums every planned victim's steps times its cell's image passes, and the
+    trained models' epochs over their 80% of `sizes` (images per dataset),
+    at this machine's measured rates.  The attacks spread over the cores;
+    training runs first, on one.
+    """
+    scale = (run.width / 16) ** 2
+    attacks = sum(
+        len(group.spec[1]) * run.iterations * image_passes(group.spec[0])
+        * SECONDS_PER_IMAGE_PASS[group.spec[0].dataset] * scale
+        for group in plan(run)
+    )  # fmt: skip
+    training = 0.0
+    if "trained" in run.weights:
+        training = sum(
+            run.epochs(d) * int(0.8 * sizes[d]) * TRAIN_SECONDS_PER_IMAGE_EPOCH[d] * scale
+            for d in run.datasets
+        )
+    return training + attacks / max(1, cores)
+
+
 def run_reproduce_ig(run: IGRun, *, callback: ProgressCallback | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep; write the weights, results.jsonl, summary.json, strips, report.md.
 
@@ -576,7 +635,7 @@ def prepare_trained(
         "width": run.width,
         "dataset": dataset,
         "dataset_size": size,
-        "epochs": run.train_epochs,
+        "epochs": run.epochs(dataset),
         "seed": run.seed,
         "limit": run.train_limit,
     }
@@ -603,7 +662,7 @@ def prepare_trained(
                 model=run.model,
                 dataset=dataset,
                 out=str(path),
-                epochs=run.train_epochs,
+                epochs=run.epochs(dataset),
                 data_dir=run.data_dir,
                 width=run.width,
                 seed=run.seed,
