@@ -137,14 +137,17 @@ PAPER_ITERATIONS = 24_000
 # pass over MNIST's 8,000 training images already gives ~96% (width 16); the
 # 732 CIFAR-100 images need more passes to be more than chance.
 TRAIN_EPOCHS = {"mnist": 1, "cifar100": 8}
-# The defaults' time: seconds of one core per image pass (an image through the
-# model and the double backward of one objective evaluation) at width 16,
-# measured with `bench/ig_table_cost.py` (BENCHMARKS.md) on this 2-core
-# machine under its usual load (another agent's job beside it); a pass costs
-# about (width / 16) ** 2 of it.  The plain `reproduce ig` must finish within
-# DEFAULT_BUDGET_S on DEFAULT_CORES workers (the issue: under an hour, aim 40
-# minutes), training included (TRAIN_SECONDS_PER_IMAGE_EPOCH, same source).
-SECONDS_PER_IMAGE_PASS = {"mnist": 0.030, "cifar100": 0.042}
+# The defaults' time: seconds of one worker per image pass (an image through
+# the model and the double backward of one objective evaluation) at width 16,
+# on this 2-core machine with two workers and another agent's jobs beside them
+# (load 3-4): the full default run's attacks (README, "An Inverting Gradients
+# table"; 37 minutes wall) took 1.75x what `bench/ig_table_cost.py` measured for
+# one process alone (0.030 and 0.042, BENCHMARKS.md).  A pass costs about
+# (width / 16) ** 2 of it (3.6x at width 32).  The plain `reproduce ig` must
+# finish within DEFAULT_BUDGET_S on DEFAULT_CORES workers (the issue: under an
+# hour, aim 40 minutes), training included (TRAIN_SECONDS_PER_IMAGE_EPOCH,
+# measured by `gradleak train` alone).
+SECONDS_PER_IMAGE_PASS = {"mnist": 0.053, "cifar100": 0.074}
 TRAIN_SECONDS_PER_IMAGE_EPOCH = {"mnist": 0.011, "cifar100": 0.016}
 DEFAULT_BUDGET_S = 40 * 60
 DEFAULT_CORES = 2
