@@ -482,7 +482,8 @@ def simulate_update(
 
 
 def update_labels(observation: UpdateObservation) -> torch.Tensor:
-    """The labels of a FedAvg client, from its update (`labels.update_label_counts`).
+    """The labels of a FedAvg client, from its update (`labels.update_label_counts`,
+    checked by fitting the examples' logits).
 
     Returns:
         ``(num_examples,)`` labels, ascending (a multiset) for several examples.
@@ -491,7 +492,7 @@ def update_labels(observation: UpdateObservation) -> torch.Tensor:
         return torch.tensor(
             [idlg_label(_pseudo_observation(observation))], device=observation.device
         )
-    counts = update_label_counts(observation)
+    counts = update_label_counts(observation, fit_logits=True)
     classes = torch.arange(len(counts), device=counts.device)
     return torch.repeat_interleave(classes, counts).to(observation.device)
 
@@ -549,7 +550,7 @@ class InvertingGradients:
         if isinstance(observation, UpdateObservation):
             return update_labels(observation)
         if observation.batch_size > 1:
-            return batch_labels(observation)
+            return batch_labels(observation, fit_logits=True)
         return torch.tensor([idlg_label(observation)], device=observation.device)
 
     def __call__(
