@@ -8,6 +8,7 @@ first block's gradient rank, and the attack's time against the full fine-tuning 
     .venv/bin/python bench/text_span.py                       # the settings below
     .venv/bin/python bench/text_span.py --layers 2 --quick    # a fast look
     .venv/bin/python bench/text_span.py --lora-sweep          # LoRA rank 8-64, B = 1, 2, 16
+    .venv/bin/python bench/text_span.py --encoder             # BERT-base B = 2-16: the search
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ LORA_SWEEP = [
     for rank in (8, 16, 32, 64)
 ]
 
+# `--encoder`: the encoder's combination search on a BERT-base-shaped model, full FedSGD.
+ENCODER = [("full, FedSGD", "bert-base", batch, []) for batch in (2, 4, 8, 16)]
+
 
 def run(model: str, batch: int, extra: list[str], layers: int | None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
@@ -59,14 +63,21 @@ def main() -> None:
     parser.add_argument(
         "--lora-sweep", action="store_true", help="LoRA rank 8-64 at B = 1, 2 and 16 instead"
     )
+    parser.add_argument(
+        "--encoder", action="store_true", help="bert-base at B = 2, 4, 8, 16 instead (ROUGE)"
+    )
     args = parser.parse_args()
     rows = []
     settings = LORA_SWEEP if args.lora_sweep else QUICK if args.quick else SETTINGS
+    settings = ENCODER if args.encoder else settings
     for label, model, batch, extra in settings:
         metrics = run(model, batch, extra, args.layers)
         span = metrics["methods"]["span"]
         rows.append((label, metrics, span))
         print(f"done: {model} B={batch} {label}", file=sys.stderr)
+    if args.encoder:
+        encoder_table(rows)
+        return
     base = next((r[2]["seconds"] for r in rows if r[2]["seconds"]), 1.0)  # first applicable
     print("| model | width x layers | B | max tokens | setting | exact | attack s | x full | "
           "client s | peak MB | rank / width | note |")  # fmt: skip
@@ -79,6 +90,25 @@ def main() -> None:
             f"{ratio(span['seconds'], base, args.lora_sweep)} | {m['client_seconds']:.1f} | "
             f"{m['peak_rss_mb']:.0f} | "
             f"{span['rank']} / {span['width']} | {note} |"
+        )
+
+
+def encoder_table(rows: list[tuple[str, dict, dict]]) -> None:
+    """Sequences found (each checked) and the scores, not-found sentences left empty."""
+    print(
+        "| model | width x layers | B | max tokens | setting | found / B | exact | ROUGE-1 | "
+        "ROUGE-2 | token acc. | starts | attack s | client s | peak MB | rank / width |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, m, span in rows:
+        print(
+            f"| {m['model']} | {m['width']} x {m['layers']} | {m['batch_size']} | "
+            f"{m['max_tokens']} | {label} | {span['recovered_count']} / {m['batch_size']} | "
+            f"{100 * span['exact']:.0f}% | {100 * span['rouge1']:.1f} | "
+            f"{100 * span['rouge2']:.1f} | {span['token_accuracy']:.3f} | "
+            f"{span.get('search_starts', 0)} | {span['seconds']:.1f} | "
+            f"{m['client_seconds']:.1f} | {m['peak_rss_mb']:.0f} | "
+            f"{span['rank']} / {span['width']} |"
         )
 
 

@@ -76,6 +76,21 @@ def test_attack_text_batch_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str
     }
 
 
+def test_attack_text_encoder_batch_needs_no_fallback(tmp_path: Path) -> None:
+    """An encoder's batch comes back from the combination search, not from TAG."""
+    sentences = tmp_path / "private.txt"
+    sentences.write_text(
+        "the river rose quickly.\nmy cat sleeps all day.\nwe walked to the harbour.\n"
+        "please call the clinic.\n"
+    )
+    out = tmp_path / "run"
+    args = ["attack-text", "--model", "bert-tiny", "--sentences", str(sentences), "--seed", "2"]
+    assert main([*args, "--out", str(out), "--device", "cpu"]) == 0
+    span = json.loads((out / "metrics.json").read_text())["methods"]["span"]
+    assert "fallback" not in span and span["applicable"] is True
+    assert span["exact"] == 1.0 and span["recovered_count"] == 4 and span["search_starts"] > 0
+
+
 def test_attack_text_full_span_falls_back_to_tag(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gradleak.attacks.span import SpanAttack, SpanConfig, _Run, span_basis, span_distance
+from gradleak.attacks.span_encoder import BertBlockZero, EncoderSearch, SearchLimits
 from gradleak.errors import AttackNotApplicable, ConfigError
 from gradleak.models.text_lm import (
     TOKENIZER_FILE,
@@ -243,3 +244,107 @@ def test_grouped_query_llama_recovered(llama: LanguageModel) -> None:
     gqa = LanguageModel(model=model, tokenizer=llama.tokenizer, name="gqa")
     got, truth = _recovered(gqa, SENTENCES[1:3])
     assert got == truth
+
+
+# -- the encoder's combination search (span_encoder.py) ------------------------------------
+
+SHORT = (
+    "the river rose quickly.",
+    "my cat sleeps all day.",
+    "we walked to the harbour.",
+    "please call the clinic.",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert() -> LanguageModel:
+    return build_language_model("bert-tiny", seed=2)
+
+
+def _search(lm: LanguageModel, sentences: tuple[str, ...]) -> tuple[EncoderSearch, list]:
+    batch = encode_batch(lm, list(sentences))
+    observation = observe_batch(lm, batch)
+    run = _Run(SpanConfig(), observation, eos=2)
+    candidates = SpanAttack(search_starts=0)(observation, eos=2).candidates
+    _, null2, _ = span_basis(run._projection_matrices(1), rank_tolerance=1e-7)
+    block = BertBlockZero(run.base, run._embed)
+    search = EncoderSearch(
+        block, candidates, null2.float(), threshold=2e-4, eos=2, limits=SearchLimits()
+    )
+    return search, batch.sequences()
+
+
+def test_bert_block_zero_matches_transformers() -> None:
+    """Block 0 on whole sequences against BertLayer inside the model (padded, masked)."""
+    lm = build_language_model("bert-tiny", seed=1)
+    double = LanguageModel(model=lm.model.double(), tokenizer=lm.tokenizer, name="double")
+    batch = encode_batch(double, list(SHORT[:3]))
+    run = _Run(SpanConfig(), observe_batch(double, batch), eos=2)
+    block = BertBlockZero(run.base, run._embed)
+    with torch.no_grad():
+        states = double.model(
+            input_ids=batch.ids, attention_mask=batch.mask, output_hidden_states=True
+        ).hidden_states[1]
+        for row, sequence in enumerate(batch.sequences()):
+            mine = block.sequences(torch.tensor([sequence]))[0]
+            assert mine.dtype == torch.float64
+            torch.testing.assert_close(mine, states[row, : len(sequence)], atol=1e-10, rtol=1e-9)
+
+
+def test_search_own_distance_against_whole_sequences(tiny_bert: LanguageModel) -> None:
+    """The search's one-position fast path against block 0 on each whole sequence."""
+    search, _ = _search(tiny_bert, SHORT)
+    generator = torch.Generator().manual_seed(0)
+    length, t = 7, 3
+    rows = torch.stack(
+        [
+            torch.randint(len(search.candidates[j]), (2,), generator=generator)
+            for j in range(length)
+        ],
+        dim=1,
+    )
+    choices = torch.arange(len(search.candidates[t]))
+    keys, values = search._keys(rows)
+    with torch.no_grad():
+        fast = search._own(keys, values, t, choices)  # (2, C)
+        for r in range(2):
+            ids = torch.stack([search.tokens[j][rows[r, j]] for j in range(length)])
+            ids = ids.repeat(len(choices), 1)
+            ids[:, t] = search.tokens[t]
+            slow = span_distance(search.block.sequences(ids)[:, t], search.null2)
+            torch.testing.assert_close(fast[r], slow, atol=1e-6, rtol=1e-4)
+
+
+def test_bert_batch_recovered_exactly(tiny_bert: LanguageModel) -> None:
+    got, truth = _recovered(tiny_bert, SHORT)
+    assert got == truth
+
+
+def test_second_block_check_rejects_swapped_tokens(tiny_bert: LanguageModel) -> None:
+    """Every batch sequence passes the whole-sequence check; one token swapped fails it."""
+    search, truth = _search(tiny_bert, SHORT)
+    with torch.no_grad():
+        for sequence in truth:
+            index = [search.candidates[t].index(tok) for t, tok in enumerate(sequence)]
+            assert search._passes(torch.tensor([index])) == [True]
+            other = [s for s in truth if len(s) > 2 and s[1] != sequence[1]][0]
+            index[1] = search.candidates[1].index(other[1])  # another sentence's first word
+            assert search._passes(torch.tensor([index])) == [False]
+
+
+def test_search_without_the_check_reports_false_sequences(tiny_bert: LanguageModel) -> None:
+    """Fails when the check is what keeps false sequences out: switched off, they come."""
+    batch = encode_batch(tiny_bert, list(SHORT))
+    observation = observe_batch(tiny_bert, batch)
+    loose = SpanAttack(search_threshold=1.0)(observation, eos=2)
+    assert set(loose.sequences) - set(batch.sequences())
+    assert set(SpanAttack()(observation, eos=2).sequences) <= set(batch.sequences())
+
+
+def test_search_budget_zero_gives_candidates_only(tiny_bert: LanguageModel) -> None:
+    batch = encode_batch(tiny_bert, list(SHORT))
+    result = SpanAttack(search_starts=0)(observe_batch(tiny_bert, batch), eos=2)
+    assert result.applicable and result.sequences == () and result.search_starts == 0
+    assert len(result.candidates) == max(len(s) for s in batch.sequences())
+    for t, tokens in enumerate(result.candidates):
+        assert {s[t] for s in batch.sequences() if len(s) > t} <= set(tokens)

@@ -45,9 +45,12 @@ sequence that is a strict prefix of another is found only as the longer one.
 With rotary positions, one token repeated (``a a a``) is indistinguishable
 in the second block from ``a`` alone at position 0, so such runs are never
 extended.
-Encoders with more than one sequence are returned as per-position candidates
-only (DAGER's combination search is not implemented); ``sequences`` is then
-empty unless B = 1.
+Encoders: bidirectional attention makes every second-block input depend on the
+whole sequence, so a batch of more than one sequence is recovered by DAGER's
+combination search over the per-position candidates (`span_encoder.py`: pruning,
+lengths from ``</s>``, random-start ICM under a budget); every sequence returned
+passes the second-block check at every position, and sequences the budget did
+not reach are missing, never guessed.
 """
 
 from __future__ import annotations
@@ -95,6 +98,13 @@ class SpanConfig:
             steps add small singular values that are not the batch's.
         max_prefixes: Keep at most this many prefixes per position (the closest).
         chunk: Vocabulary rows checked at once (memory).
+        search_starts: An encoder's combination search (B > 1) makes at most this many
+            random starts (0: no search, per-position candidates only).
+        search_seconds: ... and stops its next round after this many seconds.
+        search_threshold: `layer2_threshold` for the encoder's whole-sequence check:
+            tighter, because the search tries thousands of near-true combinations and
+            on narrow models (width 64) a few of those fall below 1e-3 (true sequences
+            sit below 1e-4).
     """
 
     rank_tolerance: float = 1e-7
@@ -105,9 +115,13 @@ class SpanConfig:
     update_rank_tolerance: float = 1e-4
     max_prefixes: int = 4096
     chunk: int = 8192
+    search_starts: int = 512
+    search_seconds: float = 45.0
+    search_threshold: float = 2e-4
 
     def __post_init__(self) -> None:
-        if min(self.rank_tolerance, self.layer1_threshold, self.layer2_threshold) <= 0:
+        if min(self.rank_tolerance, self.layer1_threshold, self.layer2_threshold,
+               self.search_threshold) <= 0:  # fmt: skip
             raise ConfigError("the span attack's tolerances must be positive")
 
 
@@ -125,6 +139,7 @@ class SpanReconstruction:
         applicable: False when the span is full; then nothing is recovered.
         reason: Why not applicable, else "".
         seconds: Time of the attack.
+        search_starts: Random starts an encoder's combination search made.
     """
 
     sequences: tuple[tuple[int, ...], ...]
@@ -134,6 +149,7 @@ class SpanReconstruction:
     applicable: bool = True
     reason: str = ""
     seconds: float = 0.0
+    search_starts: int = 0
 
 
 class SpanAttack:
@@ -288,10 +304,11 @@ class _Run:
             candidates = (tuple((inside < threshold1).nonzero().flatten().tolist()),)
         log.info("span attack: rank %d of %d, candidates %s", rank, self.width,
                  [len(c) for c in candidates])  # fmt: skip
-        if not self.decoder:
-            single = all(len(c) == 1 for c in candidates) and candidates
-            sequences = (tuple(c[0] for c in candidates),) if single else ()
-            return SpanReconstruction(sequences, candidates, rank, self.width)
+        if not self.decoder and all(len(c) == 1 for c in candidates) and candidates:
+            sequence = tuple(c[0] for c in candidates)  # one sequence: nothing to combine
+            return SpanReconstruction((sequence,), candidates, rank, self.width)
+        if not self.decoder and config.search_starts <= 0:
+            return SpanReconstruction((), candidates, rank, self.width)
         second = self._projection_matrices(1)
         _, null2, rank2 = span_basis(second, rank_tolerance=self.rank_tolerance)
         if rank2 >= self.width - config.rank_margin:
@@ -306,8 +323,30 @@ class _Run:
             return SpanReconstruction(
                 (), candidates, rank, self.width, applicable=False, reason=reason
             )
+        if not self.decoder:
+            return self._combine(candidates, null2.to(self.dtype), rank)
         sequences = self._extend(candidates, null2.to(self.dtype))
         return SpanReconstruction(tuple(sequences), candidates, rank, self.width)
+
+    def _combine(
+        self, candidates: tuple[tuple[int, ...], ...], null2: torch.Tensor, rank: int
+    ) -> SpanReconstruction:
+        """An encoder's batch: DAGER's combination search (`span_encoder.py`)."""
+        # Imported here: span_encoder imports span_distance from this module.
+        from gradleak.attacks.span_encoder import BertBlockZero, EncoderSearch, SearchLimits
+
+        config = self.config
+        limits = SearchLimits(max_restarts=config.search_starts, max_seconds=config.search_seconds)
+        search = EncoderSearch(
+            BertBlockZero(self.base, self._embed), candidates, null2,
+            threshold=config.search_threshold * self.scale, eos=self.eos, limits=limits,
+            device=self.device,
+        )  # fmt: skip
+        sequences, info = search.run()
+        log.info("span attack: encoder search %s, %d sequences", info, len(sequences))
+        return SpanReconstruction(
+            tuple(sequences), candidates, rank, self.width, search_starts=search.restarts
+        )
 
     def _context(self) -> int:
         config = self.base.config

@@ -92,9 +92,11 @@ def add(commands: argparse._SubParsersAction) -> None:
         "--iterations", type=positive_int, default=None, help="L-BFGS (100) or TAG (200) steps"
     )
     figure.add_argument(
-        "--models", default="gpt2-small,llama-small", help="dager: built-in models (comma list)"
+        "--models",
+        default="gpt2-small,llama-small,bert-base",
+        help="dager: built-in models (comma list)",
     )
-    figure.add_argument("--batch-sizes", default="1,4,16", help="dager: batch sizes (1,4,16)")
+    figure.add_argument("--batch-sizes", default="1,4,8,16", help="dager: batch sizes (1,4,8,16)")
     figure.add_argument("--methods", default="span,tag", help="dager: span and/or tag")
     figure.add_argument(
         "--layers", type=positive_int, default=2, help="dager: depth of the built-in models (2)"

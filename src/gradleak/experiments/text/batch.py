@@ -147,13 +147,14 @@ def run_batch_attack(
                 "rank": found.rank, "width": found.width, "applicable": found.applicable,
                 "reason": found.reason, "seconds": round(found.seconds, 3),
                 "candidates_per_position": [len(c) for c in found.candidates],
+                "search_starts": found.search_starts,
             }  # fmt: skip
             sequences = list(found.sequences)
             if found.applicable and not sequences and lm.kind == "encoder":
                 row["applicable"] = False
                 row["reason"] = (
-                    "an encoder's batch of more than one sequence needs DAGER's combination "
-                    "search, which gradleak does not implement: per-position candidates only"
+                    f"the encoder's combination search found no sequence in "
+                    f"{found.search_starts} starts (its budget): per-position candidates only"
                 )
             if not row["applicable"] and run.fallback and "tag" not in run.methods:
                 row["fallback"] = "tag"

@@ -68,8 +68,8 @@ class DagerTableRun:
         ray: Run the groups as Ray tasks.
     """
 
-    models: tuple[str, ...] = ("gpt2-small", "llama-small")
-    batch_sizes: tuple[int, ...] = (1, 4, 16)
+    models: tuple[str, ...] = ("gpt2-small", "llama-small", "bert-base")
+    batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
     methods: tuple[str, ...] = ("span", "tag")
     layers: int | None = 2
     lora_rank: int = 0
