@@ -76,9 +76,14 @@ def _save(fig: Figure, path: Path, title: str | None) -> Path:
         # title: wrap it to the figure's width (about 11 characters an inch at 9 pt).
         lines = textwrap.wrap(title, width=max(16, int(fig.get_figwidth() * 11)))
         width, height = fig.get_size_inches()
-        fig.set_size_inches(width, height + 0.16 * (len(lines) - 1))
+        height += 0.16 * (len(lines) - 1)
+        fig.set_size_inches(width, height)
         fig.suptitle("\n".join(lines), fontsize=9)
-    fig.tight_layout()
+        # Keep the title's lines (about 0.16 inch each at 9 pt, plus a margin) clear of
+        # the first row's captions: tight_layout alone let a two-line title overlap them.
+        fig.tight_layout(rect=(0, 0, 1, 1 - (0.16 * len(lines) + 0.1) / height))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
