@@ -70,18 +70,21 @@ def _show(ax: Axes, pixels: np.ndarray, caption: str, *, fontsize: int) -> None:
     ax.set_title(caption, fontsize=fontsize)
 
 
+_TITLE_LINE = 0.16  # inches a line of the 9 pt title takes
+
+
 def _save(fig: Figure, path: Path, title: str | None) -> Path:
     if title:
         # A narrow strip (an attack done at step 0 has two columns) would clip a long
         # title: wrap it to the figure's width (about 11 characters an inch at 9 pt).
         lines = textwrap.wrap(title, width=max(16, int(fig.get_figwidth() * 11)))
         width, height = fig.get_size_inches()
-        height += 0.16 * (len(lines) - 1)
+        height += _TITLE_LINE * (len(lines) - 1)
         fig.set_size_inches(width, height)
         fig.suptitle("\n".join(lines), fontsize=9)
-        # Keep the title's lines (about 0.16 inch each at 9 pt, plus a margin) clear of
-        # the first row's captions: tight_layout alone let a two-line title overlap them.
-        fig.tight_layout(rect=(0, 0, 1, 1 - (0.16 * len(lines) + 0.1) / height))
+        # Keep the title's lines (plus a margin) clear of the first row's captions:
+        # tight_layout alone let a two-line title overlap them.
+        fig.tight_layout(rect=(0, 0, 1, 1 - (_TITLE_LINE * len(lines) + 0.1) / height))
     else:
         fig.tight_layout()
     fig.savefig(path, dpi=100)
